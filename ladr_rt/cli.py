@@ -1,0 +1,141 @@
+"""ladr-rt command line: maps options onto the config dataclasses, nothing else."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .config import SAMPLERS, ImageSpec, SamplerConfig
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+class UserError(click.ClickException):
+    """One line on stderr, exit code 1."""
+
+
+def _writable(path: str, flag: str) -> Path:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: directory {parent} is not writable; choose another path")
+    return p
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same directory, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    from .checkpoint import DTYPES
+
+    return device, DTYPES[dtype]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="ladr-rt")
+def main() -> None:
+    """Low-latency masked discrete-diffusion text-to-image (Lumina-DiMOO) with the LADR sampler."""
+
+
+@main.command()
+@click.option("--model", "model_dir", type=str, default=None,
+              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer, vqvae/).")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--height", type=int, default=512, help="Image height in pixels (multiple of 16).")
+@click.option("--width", type=int, default=512, help="Image width in pixels (multiple of 16).")
+@click.option("--prompt-budget", type=int, default=ImageSpec.prompt_budget,
+              help="Text tokens per row (prompt + template), left-padded.")
+@click.option("--steps", type=int, default=SamplerConfig.steps, help="Schedule length T (max evaluations).")
+@click.option("--cfg", type=float, default=SamplerConfig.cfg, help="Classifier-free guidance scale s_cfg.")
+@click.option("--temperature", type=float, default=SamplerConfig.temperature,
+              help="Sampling temperature (0 = greedy, deterministic).")
+@click.option("--seed", type=int, default=SamplerConfig.seed, help="Random seed; same seed, same image.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
+              help="Weights/activations precision for the eager backend (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--out", default="out.png", help="Output PNG path.")
+@click.option("--save-tokens", default=None, help="Also write the final code grid [H, W] (int64) as .npy.")
+@click.option("--trace", "trace_path", default=None,
+              help="Also write per-step masked/rescued counts, t_eff, evaluations and seconds as JSON.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar over steps (stderr).")
+def generate(model_dir, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
+             dtype, out, save_tokens, trace_path, progress) -> None:
+    """Prompt -> PNG with the eager backend."""
+    from .checkpoint import CheckpointError
+    from .tokens import PromptTooLong
+
+    if model_dir is None:
+        raise UserError("no model: pass --model DIR (a DiMOO checkpoint, or one written by `ladr-rt init-tiny DIR`)")
+    spec = ImageSpec(height, width, prompt_budget)
+    scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
+    out_p = _writable(out, "--out")
+    tok_p = _writable(save_tokens, "--save-tokens") if save_tokens else None
+    trace_p = _writable(trace_path, "--trace") if trace_path else None
+    try:
+        spec.validate()
+        scfg.validate()
+        dev, dt = _device_dtype(device, dtype)
+        from .pipeline import LadrPipeline
+
+        pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
+        res = pipe(prompt, scfg, progress=progress)
+    except (CheckpointError, PromptTooLong, ValueError) as e:
+        raise UserError(str(e)) from None
+    atomic_write(out_p, lambda t: res.images[0].save(t, format="PNG"))
+    if tok_p:
+        import numpy as np
+
+        atomic_write(tok_p, lambda t: np.save(open(t, "wb"), res.codes[0]))
+    if trace_p:
+        trace = {"sampler": sampler, "steps": steps, "cfg": cfg, "temperature": temperature, "seed": seed,
+                 "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
+                 "decode_seconds": res.decode_seconds, "masked": res.trace["masked"][0],
+                 "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}
+        atomic_write(trace_p, lambda t: Path(t).write_text(json.dumps(trace, indent=1) + "\n"))
+    click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
+               f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {dev})")
+
+
+@main.command("init-tiny")
+@click.argument("out_dir")
+@click.option("--seed", type=int, default=0, help="Weight seed.")
+@click.option("--layers", type=int, default=2, help="Transformer blocks.")
+@click.option("--d-model", type=int, default=32, help="Hidden size.")
+def init_tiny(out_dir, seed, layers, d_model) -> None:
+    """Write a tiny random-weight DiMOO-format checkpoint (real vocab and special ids). Its images are noise."""
+    from .tiny import tiny_config, write_tiny_checkpoint
+
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"{out_dir} exists and is not a directory")
+    p = write_tiny_checkpoint(out_dir, tiny_config(d_model=d_model, n_layers=layers), seed=seed)
+    click.echo(f"wrote tiny checkpoint to {p} (random weights: its images are noise)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The denoiser: one call signature for every backend.
+
+    denoiser(input_ids [2B, L], key_mask [2B, L], out [2B, N, codebook]) -> None
+
+It writes image-code logits for every row into ``out`` (preallocated by the caller).
+Backends (eager here; onnxruntime, tensorrt, torch-graph in ``engines/``) differ only in
+how they fill ``out``; the step loop never asks which one it has.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .model import DimooModel
+
+
+class Denoiser(Protocol):
+    name: str
+    device: torch.device
+    logits_dtype: torch.dtype
+    ids_dtype: torch.dtype
+
+    def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+class EagerDenoiser:
+    """The reference model, batch-2 CFG, image-code logits only."""
+
+    name = "eager"
+    ids_dtype = torch.long
+
+    def __init__(self, model: DimooModel, image_positions: torch.Tensor):
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.logits_dtype = p.device, p.dtype
+        self.positions = image_positions.to(self.device)  # [N]
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(self.model(input_ids, key_mask, image_positions=self.positions))

@@ -1,0 +1,117 @@
+"""prompt -> tokens -> (denoiser -> sampler step) x <= T -> VQ decode -> images.
+
+    pipe = LadrPipeline.from_pretrained("path/to/Lumina-DiMOO", height=512, width=512)
+    out = pipe("a red circle above a blue square", SamplerConfig(name="ladr", seed=0))
+    out.images[0].save("out.png")
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ImageSpec, SamplerConfig, TokenLayout
+from .denoiser import Denoiser
+from .samplers import RunState, make_sampler
+from .tokens import SequenceLayout, build_rows, write_image_tokens
+from .vq import to_uint8
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images, one per prompt
+    codes: np.ndarray  # [B, H, W] int64 final code grid
+    trace: dict  # per-step masked / rescued counts and t_eff, one list per prompt
+    evaluations: int  # denoiser calls
+    seconds: float  # prompt to codes (excludes VQ decode)
+    decode_seconds: float
+
+
+class LadrPipeline:
+    def __init__(self, denoiser: Denoiser, tokenizer, vq, layout: TokenLayout, spec: ImageSpec, batch: int = 1):
+        spec.validate(layout.vq_scale)
+        self.denoiser, self.tokenizer, self.vq, self.layout = denoiser, tokenizer, vq, layout
+        self.seq = SequenceLayout(spec, layout)
+        self.batch = batch
+        dev = denoiser.device
+        B, L, N = batch, self.seq.seq_len, self.seq.n_image
+        self.positions = self.seq.image_positions.to(dev)  # [N]
+        self.ids = torch.empty(2 * B, L, dtype=denoiser.ids_dtype, device=dev)  # [2B, L] engine input
+        self.key_mask = torch.empty(2 * B, L, dtype=torch.bool, device=dev)  # [2B, L] True = real token
+        self.logits = torch.empty(2 * B, N, layout.codebook, dtype=denoiser.logits_dtype, device=dev)  # [2B, N, K]
+        self.tok_scratch = torch.empty(B, N, dtype=denoiser.ids_dtype, device=dev)  # [B, N]
+        self.state: RunState | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir, height: int = 512, width: int = 512, prompt_budget: int = 64,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 1) -> "LadrPipeline":
+        from .checkpoint import load_model, load_tokenizer
+        from .denoiser import EagerDenoiser
+        from .vq import load_vq
+
+        spec = ImageSpec(height, width, prompt_budget)
+        model = load_model(model_dir, dtype=dtype, device=device)
+        layout = model.cfg.layout
+        spec.validate(layout.vq_scale)
+        seq = SequenceLayout(spec, layout)
+        return cls(EagerDenoiser(model, seq.image_positions), load_tokenizer(model_dir), load_vq(model_dir, device),
+                   layout, spec, batch)
+
+    def _state(self, T: int) -> RunState:
+        h, w = self.seq.grid
+        if self.state is None or self.state.T != T:
+            self.state = RunState(self.batch, h, w, self.layout.codebook, T, self.layout.mask, self.denoiser.device)
+        return self.state
+
+    def step(self, sampler) -> None:
+        """One evaluation + one sampler step, all on the device."""
+        s = sampler.s
+        write_image_tokens(self.ids, self.positions, s.z, s.M, self.layout, self.tok_scratch)
+        self.denoiser(self.ids, self.key_mask, self.logits)
+        sampler.step(self.logits)
+
+    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != self.batch:
+            raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
+        ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)
+        self.ids.copy_(ids)
+        self.key_mask.copy_(key_mask)
+        state = self._state(cfg.steps)
+        state.reset(cfg.seed)
+        sampler = make_sampler(cfg, state)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, desc=cfg.name, unit="step", leave=False)
+        sync = torch.cuda.synchronize if self.denoiser.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        evals = 0
+        while evals < cfg.steps and state.any_masked():  # the one host read per step
+            self.step(sampler)
+            evals += 1
+            if bar is not None:
+                bar.update(1)
+        sync()
+        seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        h, w = self.seq.grid
+        return state.z.view(self.batch, h, w).clone(), state.read_trace(evals), evals, seconds
+
+    def __call__(self, prompts: str | list[str], cfg: SamplerConfig = SamplerConfig(),
+                 progress: bool = False) -> GenerationResult:
+        from PIL import Image
+
+        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress)
+        t0 = time.perf_counter()
+        rgb = to_uint8(self.vq.decode(codes))
+        decode_seconds = time.perf_counter() - t0
+        trace["evaluations"] = evals
+        trace["seconds"] = seconds
+        return GenerationResult([Image.fromarray(a) for a in rgb], codes.cpu().numpy(), trace, evals, seconds,
+                                decode_seconds)

@@ -1,0 +1,54 @@
+"""VQ decode: image codes [B, H, W] -> RGB in [0, 1] [B, 3, H*16, W*16] -> PNG.
+
+DiMOO ships a diffusers ``VQModel`` in ``vqvae/``; it runs in fp32 (this decoder family
+overflows to NaN in fp16). Any decoder with the same ``decode`` signature works.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+
+
+class DiffusersVQ:
+    def __init__(self, path: str | os.PathLike, device="cpu"):
+        from diffusers import VQModel
+
+        self.vq = VQModel.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
+                                          low_cpu_mem_usage=False)
+        self.vq = self.vq.to(device).eval().requires_grad_(False)
+        self.scale = 2 ** (len(self.vq.config.block_out_channels) - 1)
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        B, H, W = codes.shape
+        C = self.vq.config.vq_embed_dim or self.vq.config.latent_channels
+        x = self.vq.decode(codes.to(self.device).reshape(B, H * W).long(), force_not_quantize=True,
+                           shape=(B, H, W, C)).sample
+        return x.float().clamp_(0, 1)  # DiMOO's VQ decodes straight to [0, 1] (official: .clip(0, 1))
+
+
+def load_vq(model_dir: str | os.PathLike, device="cpu"):
+    path = Path(model_dir) / "vqvae"
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}/config.json is missing: the checkpoint has no VQ decoder")
+    cls = json.loads(cfg_file.read_text()).get("_class_name", "VQModel")
+    if cls == "VQModel":
+        return DiffusersVQ(path, device)
+    if cls == "PaletteVQ":
+        from .palette import PaletteVQ
+
+        return PaletteVQ.from_pretrained(path, device)
+    raise CheckpointError(f"{cfg_file}: unknown VQ decoder class {cls!r}")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, h, w] in [0, 1] -> [B, h, w, 3] uint8."""
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
