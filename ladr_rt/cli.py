@@ -66,8 +66,10 @@ def main() -> None:
 @click.option("--model", "model_dir", type=str, default=None,
               help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer, vqvae/).")
 @click.option("--prompt", required=True, help="Text prompt.")
-@click.option("--height", type=int, default=512, help="Image height in pixels (multiple of 16).")
-@click.option("--width", type=int, default=512, help="Image width in pixels (multiple of 16).")
+@click.option("--height", type=int, default=None,
+              help="Image height in pixels (multiple of 16)  [default: the model's default size]")
+@click.option("--width", type=int, default=None,
+              help="Image width in pixels (multiple of 16)  [default: the model's default size]")
 @click.option("--prompt-budget", type=int, default=ImageSpec.prompt_budget,
               help="Text tokens per row (prompt + template), left-padded.")
 @click.option("--steps", type=int, default=SamplerConfig.steps, help="Schedule length T (max evaluations).")
@@ -92,6 +94,13 @@ def generate(model_dir, prompt, height, width, prompt_budget, steps, cfg, temper
 
     if model_dir is None:
         raise UserError("no model: pass --model DIR (a DiMOO checkpoint, or one written by `ladr-rt init-tiny DIR`)")
+    try:
+        from .checkpoint import read_config
+
+        default_h, default_w = read_config(model_dir).default_size
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    height, width = height or default_h, width or default_w
     spec = ImageSpec(height, width, prompt_budget)
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
     out_p = _writable(out, "--out")

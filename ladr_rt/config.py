@@ -71,6 +71,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     weight_tying: bool = False
     layout: TokenLayout = field(default_factory=TokenLayout)
+    default_size: tuple[int, int] = (1024, 1024)  # (height, width) generate uses when none is given
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +103,7 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             weight_tying=bool(d.get("weight_tying", False)),
             layout=TokenLayout.from_dict(d.get("ladr_layout")),
+            default_size=tuple(d.get("ladr_default_size") or (1024, 1024)),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -138,6 +140,8 @@ class ModelConfig:
         }
         if self.layout != TokenLayout():
             d["ladr_layout"] = dataclasses.asdict(self.layout)
+        if self.default_size != (1024, 1024):
+            d["ladr_default_size"] = list(self.default_size)
         return d
 
     def digest(self) -> str:

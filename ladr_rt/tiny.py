@@ -50,10 +50,11 @@ def word_tokenizer(words=WORDS, tags=TEMPLATE_TAGS, uncondition_id: int | None =
 
 def tiny_config(d_model: int = 32, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None,
                 mlp_hidden_size: int = 64, vocab_size: int = 134548, layout: TokenLayout = TokenLayout(),
-                rope_theta: float = 500000.0, weight_tying: bool = False) -> ModelConfig:
+                rope_theta: float = 500000.0, weight_tying: bool = False,
+                default_size: tuple[int, int] = (64, 96)) -> ModelConfig:
     return ModelConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads or n_heads, n_layers=n_layers,
                        mlp_hidden_size=mlp_hidden_size, vocab_size=vocab_size, rope_theta=rope_theta,
-                       weight_tying=weight_tying, layout=layout)
+                       weight_tying=weight_tying, layout=layout, default_size=default_size)
 
 
 def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
