@@ -65,6 +65,9 @@ def main() -> None:
 @main.command()
 @click.option("--model", "model_dir", type=str, default=None,
               help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer, vqvae/).")
+@click.option("--engine", default=None,
+              help="Run an engine from `ladr-rt build --out engines/NAME` instead of the eager model; --model, "
+                   "--height, --width and --prompt-budget then default to the engine's.")
 @click.option("--prompt", required=True, help="Text prompt.")
 @click.option("--height", type=int, default=None,
               help="Image height in pixels (multiple of 16)  [default: the model's default size]")
@@ -86,33 +89,43 @@ def main() -> None:
 @click.option("--trace", "trace_path", default=None,
               help="Also write per-step masked/rescued counts, t_eff, evaluations and seconds as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar over steps (stderr).")
-def generate(model_dir, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
+def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
              dtype, out, save_tokens, trace_path, progress) -> None:
     """Prompt -> PNG with the eager backend."""
     from .checkpoint import CheckpointError
     from .tokens import PromptTooLong
 
-    if model_dir is None:
+    if model_dir is None and engine is None:
         raise UserError("no model: pass --model DIR (a DiMOO checkpoint, or one written by `ladr-rt init-tiny DIR`)")
-    try:
-        from .checkpoint import read_config
+    if engine is None:
+        try:
+            from .checkpoint import read_config
 
-        default_h, default_w = read_config(model_dir).default_size
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    height, width = height or default_h, width or default_w
-    spec = ImageSpec(height, width, prompt_budget)
+            default_h, default_w = read_config(model_dir).default_size
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        height, width = height or default_h, width or default_w
+    else:  # the engine's shape unless the user names one (then it must match)
+        from click.core import ParameterSource
+
+        if click.get_current_context().get_parameter_source("prompt_budget") == ParameterSource.DEFAULT:
+            prompt_budget = None
+    spec = ImageSpec(height or 0, width or 0, prompt_budget or 0)
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
     out_p = _writable(out, "--out")
     tok_p = _writable(save_tokens, "--save-tokens") if save_tokens else None
     trace_p = _writable(trace_path, "--trace") if trace_path else None
     try:
-        spec.validate()
         scfg.validate()
-        dev, dt = _device_dtype(device, dtype)
         from .pipeline import LadrPipeline
 
-        pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
+        if engine is not None:
+            pipe = LadrPipeline.from_engine(engine, device, height, width, prompt_budget, model_dir=model_dir)
+            dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
+        else:
+            spec.validate()
+            dev, dt = _device_dtype(device, dtype)
+            pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
         res = pipe(prompt, scfg, progress=progress)
     except (CheckpointError, PromptTooLong, ValueError) as e:
         raise UserError(str(e)) from None
@@ -128,7 +141,38 @@ def generate(model_dir, prompt, height, width, prompt_budget, steps, cfg, temper
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}
         atomic_write(trace_p, lambda t: Path(t).write_text(json.dumps(trace, indent=1) + "\n"))
     click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
-               f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {dev})")
+               f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})")
+
+
+@main.command()
+@click.option("--model", default=None, help="Hugging Face checkpoint directory to build from.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (multiple of 16)  [default: 512]")
+@click.option("--width", type=int, default=None, help="Image width in pixels (multiple of 16)  [default: 512]")
+@click.option("--prompt-budget", type=int, default=None,
+              help=f"Text tokens per row the engine holds  [default: {ImageSpec.prompt_budget}]")
+@click.option("--batch", type=int, default=None, help="Prompts per evaluation (2x rows: cond + uncond)  [default: 1]")
+@click.option("--precision", type=click.Choice(("fp32", "fp16", "bf16")), default=None,
+              help="Weights/activations precision of the graph  [default: fp32]")
+@click.option("--backend", type=click.Choice(("onnx", "tensorrt")), default=None,
+              help="onnx: NAME.onnx for onnxruntime; tensorrt: also NAME.plan (needs a GPU)  [default: onnx]")
+@click.option("--out", default=None, help="Engine path engines/NAME: writes NAME.onnx(.data), NAME.plan, NAME.json.")
+@click.option("--profile", default=None,
+              help="TOML build profile (export/*.toml); options given here override it  [default: none]")
+@click.option("--device", default=None, help="Device for export and validation  [default: cuda when available]")
+@click.option("--validate/--no-validate", default=None,
+              help="Compare the engine with the eager model and fail past the tolerance  [default: validate]")
+def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate) -> None:
+    """Export the transformer at one fixed shape to ONNX (and TensorRT), validated, with a manifest."""
+    from .build import build as run_build
+    from .build import resolve_options
+
+    try:
+        opts = resolve_options(profile, model=model, height=height, width=width, prompt_budget=prompt_budget,
+                               batch=batch, precision=precision, backend=backend, out=out, validate=validate)
+        manifest = run_build(opts, log=click.echo, device=device)
+    except ValueError as e:  # CheckpointError, EngineError, BuildError, ValidationError, PromptTooLong
+        raise UserError(str(e)) from None
+    click.echo(f"engine ready: ladr-rt generate --engine {manifest.with_suffix('')} --prompt ...")
 
 
 @main.command("init-tiny")

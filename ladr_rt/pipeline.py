@@ -59,6 +59,32 @@ class LadrPipeline:
         return cls(EagerDenoiser(model, seq.image_positions), load_tokenizer(model_dir), load_vq(model_dir, device),
                    layout, spec, batch)
 
+    @classmethod
+    def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
+                    prompt_budget: int | None = None, batch: int | None = None,
+                    model_dir=None) -> "LadrPipeline":
+        """A pipeline whose denoiser is the engine built by ``ladr-rt build --out engine``.
+
+        Shape arguments left as None take the engine's values; any other value must match
+        it (a fixed-shape engine cannot serve another shape). Tokenizer and VQ decoder come
+        from the model directory recorded in the manifest (or ``model_dir``), whose config
+        and weights must still be the ones the engine was built from.
+        """
+        from .checkpoint import checkpoint_digest, load_tokenizer, read_config
+        from .engines import check_manifest, load_denoiser, read_manifest
+        from .vq import load_vq
+
+        m = read_manifest(engine)
+        model_dir = model_dir or m["model"]["dir"]
+        cfg = read_config(model_dir)
+        check_manifest(m, config_digest=cfg.digest(), weights_digest=checkpoint_digest(model_dir), height=height,
+                       width=width, prompt_budget=prompt_budget, batch=batch)
+        a = m["build_args"]
+        spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
+        denoiser = load_denoiser(m, device)
+        return cls(denoiser, load_tokenizer(model_dir), load_vq(model_dir, denoiser.device), cfg.layout, spec,
+                   a["batch"])
+
     def _state(self, T: int) -> RunState:
         h, w = self.seq.grid
         if self.state is None or self.state.T != T:

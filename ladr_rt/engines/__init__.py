@@ -1,0 +1,45 @@
+"""Engines: fixed-shape builds of the transformer and the runners that replay them.
+
+    manifest.py   what an engine was built from/for; the check a run makes before using it
+    graph.py      the fixed-shape evaluation that is exported (ids, mask -> codebook logits)
+    ort.py        onnxruntime runner (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)
+    trt.py        TensorRT plan builder and runner (lazy import)
+    torch_graph.py  eager model under CUDA-graph replay (the no-TensorRT GPU baseline)
+
+Every runner has the ``Denoiser`` call signature (``ladr_rt.denoiser``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .manifest import EngineError, EngineMismatch, check_files, check_manifest, read_manifest
+
+__all__ = ["EngineError", "EngineMismatch", "read_manifest", "check_manifest", "load_denoiser"]
+
+
+def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
+    """The runner the manifest names, on ``device`` (auto: cuda for TensorRT or when
+    onnxruntime has a CUDA provider, else cpu)."""
+    check_files(m)
+    d = Path(m["_dir"])
+    if m["runner"] == "tensorrt":
+        from .trt import TrtDenoiser
+
+        if str(device) == "auto":
+            device = "cuda"
+        if not torch.cuda.is_available():
+            raise EngineError(f"engine {d / m['name']} is a TensorRT plan and needs a CUDA GPU; on this machine build "
+                              f"an onnx engine: `ladr-rt build ... --backend onnx --out {d / m['name']}`")
+        return TrtDenoiser(d / f"{m['name']}.plan", device)
+    if m["runner"] == "onnxruntime":
+        from .ort import OrtDenoiser, import_ort
+
+        if str(device) == "auto":
+            cuda_ep = "CUDAExecutionProvider" in import_ort().get_available_providers()
+            device = "cuda" if cuda_ep and torch.cuda.is_available() else "cpu"
+        return OrtDenoiser(d / f"{m['name']}.onnx", device)
+    raise EngineError(f"{d / m['name']}.json names runner {m['runner']!r}, which this ladr-rt does not know; "
+                      "upgrade ladr-rt or rebuild the engine")

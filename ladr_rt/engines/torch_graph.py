@@ -1,0 +1,44 @@
+"""torch-graph: the eager model with its evaluation captured in a CUDA graph.
+
+The fair no-TensorRT baseline on a GPU (gpt-fast style): same kernels as eager, minus the
+per-kernel launch overhead. ``graph_safe`` lets the pipeline capture the whole step
+(evaluation + sampler) instead; on its own, each call replays the captured evaluation.
+Static shapes only: the pipeline's buffers never change size or address during a run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import EagerDenoiser
+from .manifest import EngineError
+
+
+class TorchGraphDenoiser(EagerDenoiser):
+    name = "torch-graph"
+    graph_safe = True
+
+    def __init__(self, model, image_positions: torch.Tensor):
+        super().__init__(model, image_positions)
+        if self.device.type != "cuda":
+            raise EngineError("the torch-graph backend needs a CUDA device (CUDA graphs); use the eager backend on CPU")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._bound: tuple | None = None
+        self.stream = torch.cuda.Stream(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            super().__call__(input_ids, key_mask, out)
+            return
+        key = (input_ids.data_ptr(), key_mask.data_ptr(), out.data_ptr())
+        if key != self._bound or self.graph is None:
+            cur = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):  # warm-up off the capture: lazy inits, autotuning
+                super().__call__(input_ids, key_mask, out)
+            self.stream.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.stream):
+                super().__call__(input_ids, key_mask, out)
+            self.graph, self._bound = g, key
+        self.graph.replay()

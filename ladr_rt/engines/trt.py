@@ -1,0 +1,178 @@
+"""TensorRT: strongly typed plan from the engine's ONNX, and a runner over named tensors.
+
+``tensorrt`` is imported lazily (only ``--backend tensorrt`` and ``.plan`` engines need it),
+so the package and CLI work without it. Written against the TensorRT 10 Python API.
+
+Precision is carried by the ONNX graph's types (STRONGLY_TYPED network: no fp16/bf16
+builder flags, no layer-precision guessing), so the norms' fp32 statistics and the fp32
+logits the export wrote stay fp32. Shapes are static: one resolution, one batch.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .manifest import EngineError
+
+INSTALL = "pip install 'ladr-rt[tensorrt]' (needs an NVIDIA GPU and driver)"
+
+
+def import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise EngineError(f"TensorRT is not installed; {INSTALL}") from None
+    if not hasattr(trt, "Builder"):  # the PyPI placeholder package imports but has no API
+        raise EngineError(f"the installed `tensorrt` package is a placeholder without the TensorRT API; {INSTALL}")
+    return trt
+
+
+def compute_capability(device: torch.device | str = "cuda") -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def _atomic_bytes(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an engine is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: float = 8.0,
+               timing_cache: str | None = None) -> None:
+    from ..build import BuildError
+
+    trt = import_trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so the parser finds NAME.onnx.data beside the file.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    dynamic = False
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = tuple(t.shape)
+        dynamic |= any(d < 0 for d in shape)
+        profile.set_shape(t.name, shape, shape, shape)  # static: min = opt = max
+    if dynamic:  # the exporter writes fixed shapes; a profile only matters if a dim slipped through
+        config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(f"TensorRT failed to build an engine from {onnx_path.name} at {precision} (see the "
+                         "TensorRT log above); try a larger workspace_gib in the profile")
+    _atomic_bytes(plan_path, plan)
+    if cache_path:
+        _atomic_bytes(cache_path, config.get_timing_cache().serialize())
+
+
+TORCH_OF = {"INT32": torch.int32, "BOOL": torch.bool, "FLOAT": torch.float32, "HALF": torch.float16,
+            "BF16": torch.bfloat16, "INT64": torch.int64}
+
+
+class TrtDenoiser:
+    """``denoiser(ids [2B, L] int32, key_mask [2B, L] bool, out [2B, N, K] fp32)`` on a TensorRT plan.
+
+    Tensors are bound by name to the caller's preallocated CUDA buffers once; each call is
+    one ``execute_async_v3``, replayed from a CUDA graph after the first call. Inside a
+    step capture (the pipeline's) it enqueues on the capturing stream instead.
+    """
+
+    name = "tensorrt"
+    ids_dtype = torch.int32
+    logits_dtype = torch.float32
+    graph_safe = True
+
+    def __init__(self, plan_path: str | Path, device: str | torch.device = "cuda", cuda_graph: bool = True):
+        trt = import_trt()
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise EngineError("a TensorRT engine runs on a CUDA device; use --device cuda")
+        self.path = Path(plan_path)
+        self.logger = trt.Logger(trt.Logger.ERROR)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT cannot deserialize {self.path} (truncated, or built by another TensorRT "
+                              "version or GPU); rebuild it with `ladr-rt build --backend tensorrt`")
+        self.context = self.engine.create_execution_context()
+        self.io = {}
+        for i in range(self.engine.num_io_tensors):
+            n = self.engine.get_tensor_name(i)
+            self.io[n] = (tuple(self.engine.get_tensor_shape(n)), str(self.engine.get_tensor_dtype(n)).split(".")[-1])
+        if set(self.io) != {"input_ids", "key_mask", "logits"}:
+            raise EngineError(f"{self.path} has I/O {sorted(self.io)}, not input_ids, key_mask -> logits; rebuild it")
+        self.stream = torch.cuda.Stream(self.device)
+        self.cuda_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._bound: tuple | None = None
+
+    def _bind(self, input_ids, key_mask, out) -> None:
+        for n, t in (("input_ids", input_ids), ("key_mask", key_mask), ("logits", out)):
+            shape, dt = self.io[n]
+            if tuple(t.shape) != shape or t.dtype != TORCH_OF.get(dt) or not t.is_contiguous():
+                raise ValueError(f"{n}: engine wants {dt} {list(shape)}, got {t.dtype} {list(t.shape)}")
+            self.context.set_tensor_address(n, t.data_ptr())
+
+    def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
+        key = (input_ids.data_ptr(), key_mask.data_ptr(), out.data_ptr())
+        if key != self._bound:
+            self._bind(input_ids, key_mask, out)
+            self._bound, self.graph = key, None
+        cur = torch.cuda.current_stream(self.device)
+        if torch.cuda.is_current_stream_capturing():  # part of the pipeline's step graph
+            self._enqueue(cur)
+            return
+        if not self.cuda_graph:
+            self.stream.wait_stream(cur)
+            self._enqueue(self.stream)
+            cur.wait_stream(self.stream)
+            return
+        if self.graph is None:
+            self.stream.wait_stream(cur)
+            self._enqueue(self.stream)  # first run outside capture: TensorRT allocates lazily
+            self.stream.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.stream):
+                self._enqueue(self.stream)
+            self.graph = g
+        self.graph.replay()  # on the current stream
+
+    def _enqueue(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path}")
+
+
+def plan_runner(plan_path: Path, rows: int, L: int, N: int, K: int, device: torch.device):
+    """(ids, mask) -> logits as numpy, for the build's validation."""
+    den = TrtDenoiser(plan_path, device, cuda_graph=False)
+    ids = torch.empty(rows, L, dtype=torch.int32, device=device)
+    mask = torch.empty(rows, L, dtype=torch.bool, device=device)
+    out = torch.empty(rows, N, K, dtype=torch.float32, device=device)
+
+    def run(i, m) -> np.ndarray:
+        ids.copy_(i)
+        mask.copy_(m)
+        den(ids, mask, out)
+        torch.cuda.synchronize(device)
+        return out.cpu().numpy()
+
+    return run
