@@ -179,7 +179,7 @@ class ImageSpec:
             raise ValueError(f"--prompt-budget must be positive, got {self.prompt_budget}")
 
 
-SAMPLERS = ("baseline", "ladr", "ladr-delayed")
+SAMPLERS = ("baseline", "ladr", "ladr-delayed", "prophet", "threshold")
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,28 @@ class LadrParams:
 
 
 @dataclass(frozen=True)
+class ProphetParams:
+    """Prophet-style early commit (arXiv 2508.19982, adapted to images as LADR's Table 1 does):
+    the baseline schedule, until the mean top-2 log-probability gap over the masked tokens
+    clears the threshold of the current progress band; then every masked token is committed."""
+
+    gap_early: float = 7.5  # fraction decoded < early_until
+    gap_mid: float = 5.0
+    gap_late: float = 2.5  # fraction decoded >= late_from
+    early_until: float = 0.33
+    late_from: float = 0.67
+
+
+@dataclass(frozen=True)
+class ThresholdParams:
+    """Fast-dLLM-style parallel decoding (arXiv 2505.22618): every masked token whose
+    confidence exceeds ``threshold`` is committed; LADR's inverse cosine schedule sets the
+    minimum progress, so a run still ends within T evaluations."""
+
+    threshold: float = 0.9
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     name: str = "ladr"
     steps: int = 64  # T
@@ -206,6 +228,8 @@ class SamplerConfig:
     temperature: float = 1.0
     seed: int = 0
     ladr: LadrParams = field(default_factory=LadrParams)
+    prophet: ProphetParams = field(default_factory=ProphetParams)
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
 
     def validate(self) -> None:
         if self.name not in SAMPLERS:

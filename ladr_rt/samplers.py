@@ -210,3 +210,61 @@ def make_sampler(cfg: SamplerConfig, state: RunState) -> Sampler:
 
         cfg = dataclasses.replace(cfg, ladr=dataclasses.replace(cfg.ladr, delayed=True))
     return REGISTRY[cfg.name](cfg, state)
+
+
+class ProphetSampler(BaselineSampler):
+    """Prophet-style early commit (config.ProphetParams): the baseline's step, except that a
+    row whose mean top-2 log-probability gap over its masked tokens clears the threshold
+    of its progress band commits every masked token at once."""
+
+    name = "prophet"
+
+    def step(self, logits: torch.Tensor) -> None:
+        s, temp, p = self.s, self.cfg.temperature, self.cfg.prophet
+        self.predict(logits, need_margin=True)
+        s.M_prev.copy_(s.M)
+        n_masked = s.M.sum(-1)  # [B]
+        # mean gap over the masked tokens; s.score is scratch until the selection below
+        gap = torch.clamp(s.top2, min=1e-20).log()
+        torch.sub(gap[..., 0], gap[..., 1], out=s.score)
+        mean_gap = s.score.masked_fill_(~s.M, 0).sum(-1) / n_masked.clamp_min(1)  # [B]
+        done = 1.0 - n_masked.double() / s.N
+        bar = torch.where(done < p.early_until, p.gap_early, torch.where(done < p.late_from, p.gap_mid, p.gap_late))
+        commit_all = mean_gap.double() >= bar  # [B]
+        # the baseline's own rule (BaselineSampler.step), then the early commit on top of it
+        keep_n = baseline_keep(s.n0, s.step, self.cfg.steps)
+        torch.clamp(s.conf, min=1e-20, out=s.score).log_()
+        if temp > 0:
+            s.score.add_(s.u2 * temp)
+        s.score.masked_fill_(~s.M, math.inf)
+        torch.sort(s.score, dim=-1, out=(s.sorted, s.order))
+        cut_idx = torch.minimum(keep_n, n_masked - 1).clamp_min(0)
+        cut = s.sorted.gather(1, cut_idx.unsqueeze(1))
+        s.M.logical_and_(s.score < cut).logical_and_(~commit_all.unsqueeze(1))
+        self._commit(rescued=None, t_eff=gamma_inv(n_masked.double() / s.N))
+
+
+class ThresholdSampler(BaselineSampler):
+    """Fast-dLLM-style confidence threshold (config.ThresholdParams): LADR's inverse cosine
+    keep count as the floor on progress, plus every masked token whose confidence clears
+    the threshold, wherever it is (no locality: the contrast with LADR's rescue)."""
+
+    name = "threshold"
+
+    def step(self, logits: torch.Tensor) -> None:
+        s, temp = self.s, self.cfg.temperature
+        s.M_prev.copy_(s.M)
+        n_masked = s.M.sum(-1)
+        n_keep, t_eff = ladr_keep(n_masked, s.N, self.cfg.steps)
+        self.predict(logits, need_margin=False)
+        torch.log(s.conf, out=s.score)
+        if temp > 0:
+            s.score.add_(s.u2 * temp)
+        s.score.masked_fill_(~s.M, math.inf)
+        rank = self.rank_ascending(s.score)
+        s.M.logical_and_(rank < n_keep.unsqueeze(1)).logical_and_(s.conf <= self.cfg.threshold.threshold)
+        self._commit(rescued=None, t_eff=t_eff)
+
+
+REGISTRY["prophet"] = ProphetSampler
+REGISTRY["threshold"] = ThresholdSampler

@@ -1,0 +1,166 @@
+"""Train the testbed mini-DiMOO: DiMOO's architecture and sequence layout, a synthetic task.
+
+    python bench/testbed/train.py --out ladr_rt/assets/testbed
+
+Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
+mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
+tokens only, logits over the codebook only, and 10% of prompts replaced by the
+unconditional template so classifier-free guidance has an unconditional model to use.
+Rows are built by ``ladr_rt.tokens.build_rows`` (the function inference uses), so the
+train and inference layouts cannot drift apart. Seeded: the same command gives the same
+loss curve (single-threaded kernels are deterministic on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ladr_rt.checkpoint import save_checkpoint
+from ladr_rt.config import ImageSpec, ModelConfig
+from ladr_rt.model import DimooModel
+from ladr_rt.testbed import layout, palette, tokenizer
+from ladr_rt.testbed.scenes import CODEBOOK, GRID, render, sample_scene, sample_train_spec
+from ladr_rt.tokens import SequenceLayout, build_rows
+
+PROMPT_BUDGET = 24  # the longest template + prompt is 21 tokens
+
+
+def model_config(args) -> ModelConfig:
+    lay = layout()
+    return ModelConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
+                       mlp_hidden_size=args.mlp, vocab_size=lay.image_offset + lay.codebook, rope_theta=10000.0,
+                       layout=lay, default_size=(GRID * lay.vq_scale, GRID * lay.vq_scale))
+
+
+def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None:
+    # GPT-2-style: small normal init, residual output projections scaled by depth so the
+    # residual stream starts near the embedding.
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            torch.nn.init.ones_(p)
+        elif name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
+            torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers), generator=gen)
+        else:
+            torch.nn.init.normal_(p, 0.0, 0.02, generator=gen)
+
+
+def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: float, gen: torch.Generator):
+    specs = [sample_train_spec(rng) for _ in range(B)]
+    codes = torch.from_numpy(np.stack([render(sample_scene(s, rng)).ravel() for s in specs]))  # [B, N]
+    ids, key_mask = build_rows(tok, [s.prompt for s in specs], seq)  # [2B, L] cond rows then uncond rows
+    drop = torch.from_numpy(rng.random(B) < p_uncond)
+    ids = torch.where(drop[:, None], ids[B:], ids[:B])
+    key_mask = torch.where(drop[:, None], key_mask[B:], key_mask[:B])
+    N = seq.n_image
+    t = torch.rand(B, generator=gen)
+    n_mask = torch.ceil(torch.cos(t * math.pi / 2) * N).clamp_(1, N).long()  # [B]
+    rank = torch.rand(B, N, generator=gen).argsort(-1).argsort(-1)
+    masked = rank < n_mask[:, None]  # [B, N] a uniformly random subset of n_mask positions
+    lay = seq.layout
+    img = torch.where(masked, torch.full_like(codes, lay.mask), codes + lay.image_offset)
+    ids[:, seq.image_positions] = img
+    return ids, key_mask, codes, masked
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced atomically)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mlp", type=int, default=384)
+    ap.add_argument("--p-uncond", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log", default=None, help="also write the loss curve here (JSON lines)")
+    ap.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = model_config(args)
+    tok = tokenizer()
+    seq = SequenceLayout(ImageSpec(GRID * 16, GRID * 16, PROMPT_BUDGET), cfg.layout)
+    model = DimooModel(cfg)
+    init_weights(model, args.layers, gen)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    command = "python bench/testbed/train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"{n_params / 1e6:.2f}M parameters, seq_len {seq.seq_len}, codebook {CODEBOOK}; {command}", flush=True)
+    log_f = open(args.log, "w") if args.log else None
+    recent: list[float] = []
+    t0 = time.time()
+
+    def save(step: int) -> None:
+        final = float(np.mean(recent[-100:]))
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
+                "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
+                "torch": torch.__version__}
+        save_checkpoint(args.out, cfg, sd, tok, vq=palette(), extra_files={
+            "TRAINING.md": training_md(info), "training.json": json.dumps(info, indent=1) + "\n"})
+
+    model.train()
+    for step in range(args.steps):
+        ids, key_mask, codes, masked = batch(rng, tok, seq, args.batch, args.p_uncond, gen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        logits = model(ids, key_mask, image_positions=seq.image_positions)  # [B, N, K]
+        loss = F.cross_entropy(logits[masked], codes[masked])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        recent.append(loss.item())
+        if step % 25 == 0 or step == args.steps - 1:
+            rec = {"step": step, "loss": round(float(np.mean(recent[-25:])), 4), "lr": round(lr_at(step), 6),
+                   "seconds": round(time.time() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            if log_f:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1)
+    save(args.steps)
+    print(f"done: final loss (mean of last 100 steps) {np.mean(recent[-100:]):.4f} in {time.time() - t0:.0f} s")
+
+
+def training_md(info: dict) -> str:
+    return (
+        "# Testbed mini-DiMOO: how this checkpoint was made\n\n"
+        "Written by `bench/testbed/train.py` at the end of its run (numbers from that run).\n\n"
+        f"- command (from the repository root): `{info['command']}`\n"
+        f"- steps: {info['steps']}; parameters: {info['params']}\n"
+        f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
+        f"{info['final_loss_last100']}\n"
+        f"- wall time: {info['seconds']} s on {info['threads']} CPU thread(s), torch {info['torch']}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
