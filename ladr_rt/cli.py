@@ -64,7 +64,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "model_dir", type=str, default=None,
-              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer, vqvae/).")
+              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer, vqvae/).  "
+                   "[default: the testbed model shipped in the package]")
 @click.option("--engine", default=None,
               help="Run an engine from `ladr-rt build --out engines/NAME` instead of the eager model; --model, "
                    "--height, --width and --prompt-budget then default to the engine's.")
@@ -95,8 +96,12 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
     from .checkpoint import CheckpointError
     from .tokens import PromptTooLong
 
-    if model_dir is None and engine is None:
-        raise UserError("no model: pass --model DIR (a DiMOO checkpoint, or one written by `ladr-rt init-tiny DIR`)")
+    if model_dir is None and engine is None:  # the testbed model shipped inside the package
+        from .testbed import model_dir as shipped
+
+        model_dir = str(shipped())
+        if not (Path(model_dir) / "config.json").is_file():
+            raise UserError(f"no model: the shipped model {model_dir} is missing from this install; pass --model DIR")
     if engine is None:
         try:
             from .checkpoint import read_config
