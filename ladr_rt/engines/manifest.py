@@ -47,6 +47,8 @@ def manifest_path(engine: str | os.PathLike) -> Path:
 def build_command(m: dict[str, Any], **override: Any) -> str:
     """The ``ladr-rt build`` line that makes this engine, with ``override`` applied."""
     a = dict(m["build_args"])
+    if "_dir" in m:  # the engine may have moved since it was built: rebuild where it is now
+        a["out"] = str(Path(m["_dir"]) / m["name"])
     a.update({k: v for k, v in override.items() if v is not None})
     parts = ["ladr-rt", "build", "--model", str(a["model"]), "--height", str(a["height"]), "--width",
              str(a["width"]), "--prompt-budget", str(a["prompt_budget"]), "--batch", str(a["batch"]),

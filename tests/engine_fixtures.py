@@ -1,0 +1,46 @@
+"""Engine fixtures shared by tests/test_engines*.py and tests/test_build*.py.
+
+Import what a test module needs (``from engine_fixtures import tiny_engine, run_cli_inproc``);
+pytest then treats the imported names as that module's fixtures.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+TINY_SHAPE = {"height": 48, "width": 80, "prompt_budget": 32}  # 3 x 5 grid, L = 32 + 2 + 18 + 2 = 54
+
+
+def run_cli_inproc(*args):
+    from ladr_rt.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def one_line_error(r, *needles) -> str:
+    """Exit code != 0, one non-empty line on stderr, no traceback, every needle in it."""
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def build_args(model, out, precision="fp32", **shape):
+    s = {**TINY_SHAPE, **shape}
+    return ["build", "--model", model, "--height", s["height"], "--width", s["width"], "--prompt-budget",
+            s["prompt_budget"], "--precision", precision, "--backend", "onnx", "--out", out]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint built as an fp32 onnx engine: returns engines/NAME (no suffix)."""
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    r = run_cli_inproc(*build_args(tiny_ckpt, out))
+    assert r.exit_code == 0, r.output
+    return out
