@@ -48,8 +48,8 @@ class EngineGraph(nn.Module):
             blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         mods = nn.ModuleList([wte, blocks, ln_f]).to_empty(device="cpu").to(dtype)
-        for name, p in mods.named_parameters():
-            if "norm" in name or "ln_f" in name:
+        for p in mods.parameters():
+            if p.dim() == 1:  # RMSNorm weights
                 p.data.fill_(1.0)
             else:
                 p.data.normal_(0.0, 1.0 if p.shape[0] == cfg.vocab_size else p.shape[1] ** -0.5, generator=g)
