@@ -98,6 +98,40 @@ class LadrPipeline:
         self.denoiser(self.ids, self.key_mask, self.logits)
         sampler.step(self.logits)
 
+    def step_runner(self, sampler):
+        """``self.step(sampler)``, replayed from one CUDA graph when the denoiser says its call
+        can be captured (``graph_safe``: static buffers, no host sync) and runs on CUDA.
+
+        Capture executes nothing, but the warm-up step before it does: the run-state and the
+        generator are restored afterwards so the first replayed step is the run's first step.
+        A capture that fails falls back to plain steps with a warning (never silently)."""
+        if self.denoiser.device.type != "cuda" or not getattr(self.denoiser, "graph_safe", False):
+            return lambda: self.step(sampler)
+        import warnings
+
+        s = sampler.s
+        snapshot = {k: v.clone() for k, v in s.tensors().items()}
+        ids, gen_state = self.ids.clone(), s.gen.get_state()
+        try:
+            side = torch.cuda.Stream(self.denoiser.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, allocator
+                self.step(sampler)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(s.gen)  # replays advance the sampler's own generator
+            with torch.cuda.graph(graph):
+                self.step(sampler)
+        except RuntimeError as e:
+            warnings.warn(f"CUDA-graph capture of the step failed ({str(e).splitlines()[0][:120]}); running "
+                          "steps without it", RuntimeWarning, stacklevel=2)
+            graph = None
+        for k, v in snapshot.items():
+            getattr(s, k).copy_(v)
+        self.ids.copy_(ids)
+        s.gen.set_state(gen_state)
+        return graph.replay if graph is not None else (lambda: self.step(sampler))
+
     def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != self.batch:
@@ -108,6 +142,7 @@ class LadrPipeline:
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
         sampler = make_sampler(cfg, state)
+        step = self.step_runner(sampler)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -118,7 +153,7 @@ class LadrPipeline:
         t0 = time.perf_counter()
         evals = 0
         while evals < cfg.steps and state.any_masked():  # the one host read per step
-            self.step(sampler)
+            step()
             evals += 1
             if bar is not None:
                 bar.update(1)
