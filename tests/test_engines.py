@@ -457,3 +457,15 @@ def test_whole_step_graph_replay_equals_eager_steps(tiny_ckpt, temperature):
     a = plain.generate_codes("a cat in a tree", scfg)[0]
     b = graphed.generate_codes("a cat in a tree", scfg)[0]
     assert torch.equal(a, b)
+
+
+def test_plan_for_another_gpu_is_refused():
+    from ladr_rt.engines import EngineMismatch, check_manifest
+
+    m = {"_dir": "engines", "name": "x", "gpu": {"compute_capability": "9.0"},
+         "model": {"config_digest": "a", "weights_digest": "b"},
+         "build_args": {"model": "M", "height": 512, "width": 512, "prompt_budget": 64, "batch": 1,
+                        "precision": "bf16", "backend": "tensorrt", "out": "engines/x"}}
+    check_manifest(m, compute_capability="9.0", height=512)
+    with pytest.raises(EngineMismatch, match=r"compute capability 9.0 \(this GPU: 8.0\).*ladr-rt build --model M"):
+        check_manifest(m, compute_capability="8.0")

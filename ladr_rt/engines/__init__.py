@@ -33,6 +33,10 @@ def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
         if not torch.cuda.is_available():
             raise EngineError(f"engine {d / m['name']} is a TensorRT plan and needs a CUDA GPU; on this machine build "
                               f"an onnx engine: `ladr-rt build ... --backend onnx --out {d / m['name']}`")
+        from .trt import compute_capability
+
+        # A plan is compiled for one GPU architecture: refuse another before deserializing.
+        check_manifest(m, compute_capability=compute_capability(device))
         return TrtDenoiser(d / f"{m['name']}.plan", device)
     if m["runner"] == "onnxruntime":
         from .ort import OrtDenoiser, import_ort
