@@ -1,6 +1,6 @@
 """Train the testbed mini-DiMOO: DiMOO's architecture and sequence layout, a synthetic task.
 
-    python bench/testbed/train.py --out ladr_rt/assets/testbed
+    python bench/testbed/train.py --out ladr_rt/assets/testbed     # ~25 min on one CPU core
 
 Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
 mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
@@ -74,9 +74,9 @@ def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced atomically)")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -84,7 +84,10 @@ def main(argv=None) -> None:
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--p-uncond", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 is fastest on 2 shared cores (OpenMP barriers stall under contention)")
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint's weights (a second stage; the optimizer starts fresh)")
     ap.add_argument("--log", default=None, help="also write the loss curve here (JSON lines)")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps")
     args = ap.parse_args(argv)
@@ -98,6 +101,10 @@ def main(argv=None) -> None:
     seq = SequenceLayout(ImageSpec(GRID * 16, GRID * 16, PROMPT_BUDGET), cfg.layout)
     model = DimooModel(cfg)
     init_weights(model, args.layers, gen)
+    if args.init:
+        from ladr_rt.checkpoint import load_state_dict
+
+        model.load_state_dict(load_state_dict(args.init))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n)]
