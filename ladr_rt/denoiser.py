@@ -15,6 +15,14 @@ import torch
 from .model import DimooModel
 
 
+def canonical_device(device: str | torch.device) -> torch.device:
+    """'cuda' -> 'cuda:<current>': tensors report an index, so device checks must compare with one."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 class Denoiser(Protocol):
     name: str
     device: torch.device

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..denoiser import canonical_device
+
 from .manifest import EngineError
 
 NP_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_, torch.float32: np.float32,
@@ -67,7 +69,7 @@ class OrtDenoiser:
 
     def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu", tensorrt_ep: bool = False,
                  threads: int | None = None):
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.path = Path(onnx_path)
         self.session = open_session(self.path, providers_for(self.device, tensorrt_ep), threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..denoiser import canonical_device
+
 from .manifest import EngineError
 
 INSTALL = "pip install 'ladr-rt[tensorrt]' (needs an NVIDIA GPU and driver)"
@@ -103,7 +105,7 @@ class TrtDenoiser:
 
     def __init__(self, plan_path: str | Path, device: str | torch.device = "cuda", cuda_graph: bool = True):
         trt = import_trt()
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         if self.device.type != "cuda":
             raise EngineError("a TensorRT engine runs on a CUDA device; use --device cuda")
         self.path = Path(plan_path)
