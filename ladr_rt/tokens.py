@@ -68,7 +68,9 @@ def text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
         text = layout.uncond_template.format(system=layout.system_prompt)
     else:
         text = layout.cond_template.format(system=layout.system_prompt, prompt=prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Called exactly as the official generator calls it (default add_special_tokens), so a
+    # checkpoint whose tokenizer prepends BOS gets it here too.
+    return list(tokenizer(text)["input_ids"])
 
 
 def build_rows(tokenizer, prompts: list[str], seq: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
