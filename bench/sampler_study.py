@@ -1,6 +1,6 @@
 """Sampler study on the shipped testbed model: GenEval-style score vs model evaluations.
 
-    python bench/sampler_study.py            # ~15 min on 2 CPU cores; writes the files below
+    python bench/sampler_study.py            # ~10 min on 2 idle CPU cores; writes the files below
 
 Every sampler runs the same held-out evaluation prompts (``ladr_rt.testbed.eval_items``)
 with the same seeds, batch 1, eager backend. Per configuration: overall and per-category
@@ -59,14 +59,14 @@ def chance(items, seeds) -> dict:
     of another prompt of the same category (chance for a model that ignores the prompt's
     details), and uniform random codes."""
     from ladr_rt.testbed import score
-    from ladr_rt.testbed.scenes import CODEBOOK, render, sample_scene
+    from ladr_rt.testbed.scenes import CODEBOOK, category_specs, render, sample_scene
 
     rng = np.random.default_rng(1234)
     truth, other, rand, specs = [], [], [], []
     for seed in seeds:
-        for i, s in enumerate(items):
-            same = [t for t in items if t.category == s.category and t.prompt != s.prompt]
-            decoy = same[(i + seed) % len(same)] if same else s
+        for s in items:
+            same = [t for t in category_specs(s.category) if t.prompt != s.prompt]
+            decoy = same[rng.integers(len(same))]
             specs.append(s)
             truth.append(render(sample_scene(s, rng)))
             other.append(render(sample_scene(decoy, rng)))
@@ -117,7 +117,7 @@ def run(args) -> dict:
     if (mdir / "training.json").is_file():
         training = json.loads((mdir / "training.json").read_text())
     return {
-        "command": "python bench/sampler_study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join(["python bench/sampler_study.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
                    f"{args.threads} thread(s), eager fp32, batch 1",
@@ -156,7 +156,7 @@ def table(report: dict) -> str:
     return (f"{START}\n"
             f"Command: `{report['command']}` — {report['date']}, git {report['git_commit']}.\n"
             f"Machine: {report['machine']}.\n"
-            f"Model: shipped testbed checkpoint ({report['model_training'].get('steps', '?')} training steps). "
+            f"Model: the shipped testbed checkpoint (ladr_rt/assets/testbed/TRAINING.md). "
             f"{n_img} images per row: {s['per_category']} held-out prompts x 6 categories x seeds {s['seeds']}; "
             f"{s['size']}x{s['size']} px ({s['size'] // 16}x{s['size'] // 16} tokens), cfg {s['cfg']}, "
             f"temperature {s['temperature']}. Scores in %, overall = mean of the category scores.\n\n"
@@ -209,7 +209,7 @@ def update_results(report: dict, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory [default: the shipped testbed model]")
-    ap.add_argument("--per-category", type=int, default=4, help="held-out prompts per category (cycled)")
+    ap.add_argument("--per-category", type=int, default=8, help="held-out prompts per category (cycled)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", default=None, help="run only these samplers")
     ap.add_argument("--size", type=int, default=256)

@@ -1,0 +1,140 @@
+"""The shipped testbed model: its files, its layout (identical in training and inference),
+its palette decoder, the default `generate`, and that it draws what it is asked to.
+Nothing here retrains the shipped model; it is loaded as shipped."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ladr_rt import testbed
+from ladr_rt.checkpoint import CheckpointError, load_model, load_tokenizer, read_config
+from ladr_rt.config import ImageSpec, SamplerConfig
+from ladr_rt.testbed.scenes import CODEBOOK, GRID, RGB
+from ladr_rt.tokens import SequenceLayout, build_rows, text_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = testbed.model_dir()
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("tb_train", ROOT / "bench" / "testbed" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from ladr_rt.pipeline import LadrPipeline
+
+    return LadrPipeline.from_pretrained(MODEL, GRID * 16, GRID * 16, 24)
+
+
+def test_shipped_checkpoint_is_small_complete_and_self_describing():
+    files = [f for f in MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 << 20
+    cfg = read_config(MODEL)
+    assert cfg.layout == testbed.layout() and cfg.layout.codebook == CODEBOOK
+    assert cfg.default_size == (GRID * 16, GRID * 16)
+    assert cfg.vocab_size == cfg.layout.image_offset + cfg.layout.codebook
+    info = json.loads((MODEL / "training.json").read_text())
+    assert info["command"].startswith("python bench/testbed/train.py") and info["final_loss_last100"] > 0
+    assert "final loss" in (MODEL / "TRAINING.md").read_text()
+    assert not any(f.suffix in (".bin", ".pt", ".pth", ".pkl") for f in files)
+
+
+def test_tokenizer_keeps_dimoo_template_structure():
+    tok, lay = load_tokenizer(MODEL), testbed.layout()
+    cond = text_ids(tok, "two red circles above a blue square", lay)
+    uncond = text_ids(tok, None, lay)
+    tags = tok.convert_tokens_to_ids(["<system>", "</system>", "<user>", "</user>"])
+    assert cond[0] == tags[0] and cond[-1] == tags[3] and uncond[-2] == lay.uncondition
+    assert tok.unk_token_id not in cond and tok.unk_token_id not in uncond
+    assert max(cond + uncond) < lay.mask  # text ids never collide with special or image ids
+
+
+def test_training_rows_are_inference_rows():
+    train = load_train_module()
+    tok, lay = testbed.tokenizer(), testbed.layout()
+    seq = SequenceLayout(ImageSpec(GRID * 16, GRID * 16, train.PROMPT_BUDGET), lay)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    ids, key_mask, codes, masked = train.batch(rng, tok, seq, 6, 0.0, gen)
+    rng = np.random.default_rng(0)
+    prompts = [train.sample_train_spec(rng).prompt for _ in range(6)]  # replay: batch() draws specs first
+    ref_ids, ref_mask = build_rows(tok, prompts, seq)
+    img = seq.image_positions
+    keep = torch.ones(seq.seq_len, dtype=torch.bool)
+    keep[img] = False
+    assert torch.equal(ids[:, keep], ref_ids[:6, keep]) and torch.equal(key_mask, ref_mask[:6])
+    assert torch.equal(ids[:, img][masked], torch.full_like(ids[:, img][masked], lay.mask))
+    assert torch.equal(ids[:, img][~masked], (codes + lay.image_offset)[~masked])
+
+
+def test_training_is_seeded(tmp_path):
+    train = load_train_module()
+    args = ["--steps", "3", "--batch", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64",
+            "--threads", "1", "--save-every", "0"]
+    logs = []
+    for run in ("a", "b"):
+        train.main(args + ["--out", str(tmp_path / run), "--log", str(tmp_path / f"{run}.jsonl")])
+        rows = map(json.loads, (tmp_path / f"{run}.jsonl").read_text().splitlines())
+        logs.append([(r["step"], r["loss"]) for r in rows])
+    assert len(logs[0]) == 2 and logs[0] == logs[1]  # steps 0 and 2; wall-clock fields differ
+    model = load_model(tmp_path / "a")  # the script writes a loadable checkpoint
+    assert model.cfg.d_model == 32
+
+
+def test_palette_decoder_round_trip(tmp_path):
+    from ladr_rt.vq import load_vq
+
+    pal = testbed.palette()
+    pal.save_pretrained(tmp_path / "vqvae")
+    vq = load_vq(tmp_path)
+    codes = torch.tensor([[[0, 1], [2, 6]]])
+    rgb = vq.decode(codes)
+    assert rgb.shape == (1, 3, 32, 32) and rgb.dtype == torch.float32
+    assert 0 <= rgb.min() and rgb.max() <= 1
+    assert torch.allclose(rgb[0, :, 20, 5] * 255, torch.tensor(RGB["green"], dtype=torch.float32))  # code 2
+    assert torch.equal(rgb[0, :, :16, :16], rgb[0, :, :1, :1].expand(3, 16, 16))
+    with pytest.raises(ValueError, match="outside the palette"):
+        vq.decode(torch.tensor([[[7]]]))
+    (tmp_path / "vqvae" / "config.json").write_text('{"_class_name": "PaletteVQ"}')
+    with pytest.raises(CheckpointError, match="not a PaletteVQ config"):
+        load_vq(tmp_path)
+
+
+def test_model_paints_the_named_colour(pipe):
+    """Held-out prompts that name one colour, baseline sampler: the named colour must be the
+    image's dominant object colour far more often than a prompt-blind model's 1 in 6."""
+    from ladr_rt.testbed.scenes import COLOURS, held_out_specs
+
+    specs = held_out_specs("colors") * 2
+    hits = 0
+    for k, s in enumerate(specs):
+        codes = pipe.generate_codes(s.prompt, SamplerConfig(name="baseline", steps=16, seed=k))[0][0].numpy()
+        counts = np.bincount(codes.ravel(), minlength=CODEBOOK)[1:]
+        hits += COLOURS[int(counts.argmax())] == s.groups[0].colour and counts.sum() > 0
+    assert hits / len(specs) >= 0.5, f"{hits}/{len(specs)}"
+
+
+def test_generate_defaults_to_the_shipped_model(tmp_path, monkeypatch):
+    from ladr_rt.cli import main
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    prompt = "two red circles above a blue square"
+    r = CliRunner().invoke(main, ["generate", "--prompt", prompt, "--out", "img.png", "--save-tokens", "codes.npy",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    img = Image.open(tmp_path / "img.png")
+    assert img.size == (GRID * 16, GRID * 16)
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (GRID, GRID) and codes.max() < CODEBOOK
+    objs = testbed.find_objects(codes)
+    assert any(o.colour == "red" for o in objs) and any(o.colour == "blue" for o in objs)
