@@ -8,7 +8,6 @@ new state: everything a step writes lives in ``RunState``. The loop reads one fl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +118,16 @@ class Sampler:
         s.rank.scatter_(1, s.order, s.arange)
         return s.rank
 
+    def keep_lowest(self, n_keep: torch.Tensor) -> torch.Tensor:
+        """[B, N] bool: the n_keep [B] masked positions with the lowest c = log(conf) + temp * g
+        (ties: lower index first). ladr.md step 3, the backbone's selection."""
+        s, temp = self.s, self.cfg.temperature
+        torch.log(s.conf, out=s.score)
+        if temp > 0:
+            s.score.add_(s.u2 * temp)
+        s.score.masked_fill_(~s.M, math.inf)
+        return self.rank_ascending(s.score) < n_keep.unsqueeze(1)
+
     def step(self, logits: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -130,10 +139,15 @@ class BaselineSampler(Sampler):
     name = "baseline"
 
     def step(self, logits: torch.Tensor) -> None:
-        s, temp = self.s, self.cfg.temperature
+        s = self.s
         self.predict(logits, need_margin=False)
         s.M_prev.copy_(s.M)
-        keep_n = baseline_keep(s.n0, s.step, self.cfg.steps)  # [B]
+        s.M.logical_and_(self.remask(baseline_keep(s.n0, s.step, self.cfg.steps)))
+        self._commit(rescued=None, t_eff=gamma_inv(s.M_prev.sum(-1).double() / s.N))
+
+    def remask(self, keep_n: torch.Tensor) -> torch.Tensor:
+        """[B, N] bool: the official re-mask of keep_n [B] masked positions by noisy confidence."""
+        s, temp = self.s, self.cfg.temperature
         # score = log(clamp(conf, 1e-20)) + temp * gumbel on masked positions, +inf elsewhere
         torch.clamp(s.conf, min=1e-20, out=s.score).log_()
         if temp > 0:
@@ -144,9 +158,7 @@ class BaselineSampler(Sampler):
         # the cut stay unmasked, and keep_n = 0 re-masks nothing). Unmasked positions sort last (+inf).
         cut_idx = torch.minimum(keep_n, s.M.sum(-1) - 1).clamp_min(0)  # [B]
         cut = s.sorted.gather(1, cut_idx.unsqueeze(1))  # [B, 1]
-        remask = s.score < cut
-        s.M.logical_and_(remask)
-        self._commit(rescued=None, t_eff=gamma_inv(s.M_prev.sum(-1).double() / s.N))
+        return s.score < cut
 
     def _commit(self, rescued: torch.Tensor | None, t_eff: torch.Tensor) -> None:
         s = self.s
@@ -172,19 +184,14 @@ class LadrSampler(BaselineSampler):
         self.p: LadrParams = cfg.ladr
 
     def step(self, logits: torch.Tensor) -> None:
-        s, temp, p = self.s, self.cfg.temperature, self.p
+        s, p = self.s, self.p
         B, H, W, N = s.B, s.H, s.W, s.N
         s.M_prev.copy_(s.M)
         n_masked = s.M.sum(-1)  # [B]
         n_keep, t_eff = ladr_keep(n_masked, N, self.cfg.steps)  # [B], [B]
         self.predict(logits, need_margin=True)
         # 3. standard selection: the n_keep lowest-scoring masked positions stay masked.
-        torch.log(s.conf, out=s.score)  # c_i = log(conf_i) + temp * g_i
-        if temp > 0:
-            s.score.add_(s.u2 * temp)
-        s.score.masked_fill_(~s.M, math.inf)
-        rank = self.rank_ascending(s.score)
-        s.M.logical_and_(rank < n_keep.unsqueeze(1))  # M is now M_std
+        s.M.logical_and_(self.keep_lowest(n_keep))  # M is now M_std
         # 4. frontier C: masked positions with an unmasked 8-neighbour (dilation of ~M_std).
         unmasked = (~s.M).view(B, 1, H, W).float()
         near = F.max_pool2d(unmasked, p.kernel, stride=1, padding=p.kernel // 2).view(B, N) > 0
@@ -220,7 +227,7 @@ class ProphetSampler(BaselineSampler):
     name = "prophet"
 
     def step(self, logits: torch.Tensor) -> None:
-        s, temp, p = self.s, self.cfg.temperature, self.cfg.prophet
+        s, p = self.s, self.cfg.prophet
         self.predict(logits, need_margin=True)
         s.M_prev.copy_(s.M)
         n_masked = s.M.sum(-1)  # [B]
@@ -231,16 +238,9 @@ class ProphetSampler(BaselineSampler):
         done = 1.0 - n_masked.double() / s.N
         bar = torch.where(done < p.early_until, p.gap_early, torch.where(done < p.late_from, p.gap_mid, p.gap_late))
         commit_all = mean_gap.double() >= bar  # [B]
-        # the baseline's own rule (BaselineSampler.step), then the early commit on top of it
-        keep_n = baseline_keep(s.n0, s.step, self.cfg.steps)
-        torch.clamp(s.conf, min=1e-20, out=s.score).log_()
-        if temp > 0:
-            s.score.add_(s.u2 * temp)
-        s.score.masked_fill_(~s.M, math.inf)
-        torch.sort(s.score, dim=-1, out=(s.sorted, s.order))
-        cut_idx = torch.minimum(keep_n, n_masked - 1).clamp_min(0)
-        cut = s.sorted.gather(1, cut_idx.unsqueeze(1))
-        s.M.logical_and_(s.score < cut).logical_and_(~commit_all.unsqueeze(1))
+        # the baseline's own rule, then the early commit on top of it
+        s.M.logical_and_(self.remask(baseline_keep(s.n0, s.step, self.cfg.steps)))
+        s.M.logical_and_(~commit_all.unsqueeze(1))
         self._commit(rescued=None, t_eff=gamma_inv(n_masked.double() / s.N))
 
 
@@ -252,17 +252,12 @@ class ThresholdSampler(BaselineSampler):
     name = "threshold"
 
     def step(self, logits: torch.Tensor) -> None:
-        s, temp = self.s, self.cfg.temperature
+        s = self.s
         s.M_prev.copy_(s.M)
         n_masked = s.M.sum(-1)
         n_keep, t_eff = ladr_keep(n_masked, s.N, self.cfg.steps)
         self.predict(logits, need_margin=False)
-        torch.log(s.conf, out=s.score)
-        if temp > 0:
-            s.score.add_(s.u2 * temp)
-        s.score.masked_fill_(~s.M, math.inf)
-        rank = self.rank_ascending(s.score)
-        s.M.logical_and_(rank < n_keep.unsqueeze(1)).logical_and_(s.conf <= self.cfg.threshold.threshold)
+        s.M.logical_and_(self.keep_lowest(n_keep)).logical_and_(s.conf <= self.cfg.threshold.threshold)
         self._commit(rescued=None, t_eff=t_eff)
 
 
