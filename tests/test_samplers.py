@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from ladr_rt.config import LadrParams, SamplerConfig
+from ladr_rt.config import SAMPLERS, LadrParams, SamplerConfig
 from ladr_rt.samplers import RunState, make_sampler
 from ladr_rt.schedule import baseline_keep
 
@@ -50,7 +50,7 @@ def strictly_progressive(state):
     return check
 
 
-@pytest.mark.parametrize("name", ["baseline", "ladr", "ladr-delayed"])
+@pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("temp,cfg", [(0.0, 0.0), (1.0, 4.0), (0.5, 1.5)])
 @pytest.mark.parametrize("T", [1, 3, 16, 64])
 def test_progress_and_immutability(name, temp, cfg, T):
@@ -219,7 +219,7 @@ def no_host_reads():
         yield
 
 
-@pytest.mark.parametrize("name", ["baseline", "ladr", "ladr-delayed"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_step_keeps_state_in_place_and_reads_nothing_back(name):
     sampler, st = make(name, temp=1.0, cfg=4.0, B=2)
     ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
