@@ -19,11 +19,12 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ladr_rt.fileio import atomic_write, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 # (label, sampler, T): the grid
@@ -35,13 +36,6 @@ CONFIGS = [
     ("Prophet-style T=64", "prophet", 64), ("threshold 0.9 T=64", "threshold", 64),
 ]
 START, END = "<!-- sampler-study:start -->", "<!-- sampler-study:end -->"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def cpu_name() -> str:
@@ -191,10 +185,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylim(0, min(100, max(25, 1.4 * top)))  # a weak model's points would sit flat at 0-100
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, fig.savefig)
 
 
 def update_results(report: dict, path: Path) -> None:

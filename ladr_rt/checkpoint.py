@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -130,13 +129,6 @@ def load_tokenizer(path: str | os.PathLike):
 
 # ---------------------------------------------------------------- writing
 
-def atomic_dir(final: Path):
-    """A temp sibling directory that replaces ``final`` only when the writer finishes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
 def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer,
                     vq=None, max_shard_bytes: int = 2 << 30, extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint in the published layout (sharded safetensors + index). Atomic."""
@@ -144,8 +136,10 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
 
     from safetensors.torch import save_file
 
+    from .fileio import replace_dir, temp_dir_beside
+
     final = Path(out)
-    tmp = atomic_dir(final)
+    tmp = temp_dir_beside(final)
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -171,9 +165,7 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
             vq.save_pretrained(str(tmp / "vqvae"))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from .config import SAMPLERS, ImageSpec, SamplerConfig
+from .fileio import atomic_write
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -28,18 +28,6 @@ def _writable(path: str, flag: str) -> Path:
     if not os.access(parent, os.W_OK):
         raise UserError(f"{flag} {path}: directory {parent} is not writable; choose another path")
     return p
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _device_dtype(device: str, dtype: str):
@@ -138,7 +126,11 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
     if tok_p:
         import numpy as np
 
-        atomic_write(tok_p, lambda t: np.save(open(t, "wb"), res.codes[0]))
+        def save_npy(t: str) -> None:
+            with open(t, "wb") as f:  # a file object: np.save would append .npy to a bare name
+                np.save(f, res.codes[0])
+
+        atomic_write(tok_p, save_npy)
     if trace_p:
         trace = {"sampler": sampler, "steps": steps, "cfg": cfg, "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,

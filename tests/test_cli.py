@@ -20,7 +20,7 @@ def run_cli(*args, cwd=None):
 
 
 def test_generate_writes_png_tokens_and_trace(tiny_ckpt, tmp_path):
-    out, tok, trace = tmp_path / "o.png", tmp_path / "t.npy", tmp_path / "t.json"
+    out, tok, trace = tmp_path / "o.png", tmp_path / "codes", tmp_path / "t.json"  # a bare name stays bare
     r = run_cli("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width",
                 "80", "--steps", "12", "--seed", "3", "--out", str(out), "--save-tokens", str(tok), "--trace",
                 str(trace), "--no-progress")
@@ -30,6 +30,10 @@ def test_generate_writes_png_tokens_and_trace(tiny_ckpt, tmp_path):
     assert img.size == (80, 48) and img.mode == "RGB"
     codes = np.load(tok)
     assert codes.shape == (3, 5) and codes.dtype == np.int64 and 0 <= codes.min() and codes.max() < 8192
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "outputs get ordinary permissions, not mkstemp's 0600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "o.png", "t.json"], "no temp files left"
     t = json.loads(trace.read_text())
     assert t["evaluations"] == len(t["rescued"]) == len(t["t_eff"]) <= 12
     assert t["masked"][0] == 15 and t["masked"][-1] == 0

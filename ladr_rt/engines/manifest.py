@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write_text
 
 FORMAT = 1
 BACKENDS = ("onnx", "tensorrt")
@@ -58,16 +59,7 @@ def build_command(m: dict[str, Any], **override: Any) -> str:
 
 def write_manifest(path: Path, m: dict[str, Any]) -> None:
     """Temp file then rename: a reader sees the whole manifest or none."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(m, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an engine is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(m, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(engine: str | os.PathLike) -> dict[str, Any]:

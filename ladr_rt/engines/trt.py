@@ -9,14 +9,13 @@ logits the export wrote stay fp32. Shapes are static: one resolution, one batch.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..denoiser import canonical_device
+from ..fileio import atomic_write_bytes
 
 from .manifest import EngineError
 
@@ -36,18 +35,6 @@ def import_trt():
 def compute_capability(device: torch.device | str = "cuda") -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"{major}.{minor}"
-
-
-def _atomic_bytes(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an engine is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: float = 8.0,
@@ -81,9 +68,9 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: 
     if plan is None:
         raise BuildError(f"TensorRT failed to build an engine from {onnx_path.name} at {precision} (see the "
                          "TensorRT log above); try a larger workspace_gib in the profile")
-    _atomic_bytes(plan_path, plan)
+    atomic_write_bytes(plan_path, plan)
     if cache_path:
-        _atomic_bytes(cache_path, config.get_timing_cache().serialize())
+        atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
 
 
 TORCH_OF = {"INT32": torch.int32, "BOOL": torch.bool, "FLOAT": torch.float32, "HALF": torch.float16,
