@@ -37,8 +37,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     p = _dir(path)
     try:
         return ModelConfig.from_json_dict(json.loads((p / "config.json").read_text()))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}/config.json is not a LLaDA/DiMOO config ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{p}/config.json is not a usable LLaDA/DiMOO config ({type(e).__name__}: {e})") from None
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -62,16 +62,22 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{p} has no *.safetensors weights")
 
 
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """Cheap identity of the weights: shard names, sizes and mtimes (hashing 16 GB is too slow)."""
+def checkpoint_digest(path: str | os.PathLike, samples: int = 16) -> str:
+    """Identity of the weights without reading 16 GB: per shard its name, size, header and
+    ``samples`` 64 KiB blocks spread evenly over the tensor data (the last one included), so
+    retrained weights saved over the same shapes change it; mtimes are left out on purpose
+    (copying a checkpoint must not invalidate its engines)."""
     import hashlib
 
+    block = 1 << 16
     h = hashlib.sha256()
     for f in weight_files(path):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:  # the safetensors header names every tensor, its dtype and offsets
-            h.update(fh.read(1 << 16))
+            for i in range(samples + 1):
+                fh.seek(max(0, (size - block) * i // samples))
+                h.update(fh.read(block))
     return h.hexdigest()[:16]
 
 

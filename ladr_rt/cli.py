@@ -35,10 +35,20 @@ def _device_dtype(device: str, dtype: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+        if d.index is not None and d.index >= n:
+            raise UserError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    elif d.type != "cpu":
+        raise UserError(f"--device {device!r}: ladr-rt runs on cpu or cuda")
     if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
+        dtype = "bf16" if d.type == "cuda" else "fp32"
     from .checkpoint import DTYPES
 
     return device, DTYPES[dtype]
@@ -113,6 +123,8 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
         from .pipeline import LadrPipeline
 
         if engine is not None:
+            if device != "auto":
+                device = _device_dtype(device, "fp32")[0]  # validate; the manifest picks the runner
             pipe = LadrPipeline.from_engine(engine, device, height, width, prompt_budget, model_dir=model_dir)
             dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
         else:
@@ -166,6 +178,8 @@ def build(model, height, width, prompt_budget, batch, precision, backend, out, p
     try:
         opts = resolve_options(profile, model=model, height=height, width=width, prompt_budget=prompt_budget,
                                batch=batch, precision=precision, backend=backend, out=out, validate=validate)
+        if device is not None:
+            device = _device_dtype(device, "fp32")[0]
         manifest = run_build(opts, log=click.echo, device=device)
     except ValueError as e:  # CheckpointError, EngineError, BuildError, ValidationError, PromptTooLong
         raise UserError(str(e)) from None

@@ -240,3 +240,5 @@ class SamplerConfig:
             raise ValueError(f"--cfg must be >= 0, got {self.cfg}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.ladr.kernel < 1 or self.ladr.kernel % 2 == 0:
+            raise ValueError(f"LadrParams.kernel must be odd and >= 1 (a centred neighbourhood), got {self.ladr.kernel}")

@@ -50,7 +50,12 @@ def temp_dir_beside(final: str | os.PathLike) -> Path:
 
 
 def replace_dir(tmp: Path, final: str | os.PathLike) -> None:
+    """Move ``tmp`` to ``final``; an old ``final`` is set aside first and removed only after."""
     final = Path(final)
+    old = None
     if final.exists():
-        shutil.rmtree(final)
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
     os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

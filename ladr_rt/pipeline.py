@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -133,6 +134,13 @@ class LadrPipeline:
         return graph.replay if graph is not None else (lambda: self.step(sampler))
 
     def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
+        dev = self.denoiser.device
+        # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
+        # denoiser's device, also for cuda:N with N > 0.
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            return self._generate_codes(prompts, cfg, progress)
+
+    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
@@ -148,7 +156,8 @@ class LadrPipeline:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, desc=cfg.name, unit="step", leave=False)
-        sync = torch.cuda.synchronize if self.denoiser.device.type == "cuda" else (lambda: None)
+        dev = self.denoiser.device
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         evals = 0

@@ -49,6 +49,9 @@ def phase_params(t_eff: torch.Tensor, p: LadrParams) -> tuple[torch.Tensor, torc
     tau_r = -math.inf if p.tau_refine is None else p.tau_refine
     alpha_x = 0.0 if p.delayed else p.alpha_explore
     explore, refine = t_eff < p.explore_until, t_eff >= p.refine_from
-    tau = torch.where(explore, p.tau_explore, torch.where(refine, tau_r, p.tau_structure)).double()
-    alpha = torch.where(explore, alpha_x, torch.where(refine, p.alpha_refine, p.alpha_structure)).double()
+    def f64(x: float) -> torch.Tensor:  # bare Python floats would make float32 thresholds (0.0500000007)
+        return torch.full_like(t_eff, x, dtype=torch.float64)
+
+    tau = torch.where(explore, f64(p.tau_explore), torch.where(refine, f64(tau_r), f64(p.tau_structure)))
+    alpha = torch.where(explore, f64(alpha_x), torch.where(refine, f64(p.alpha_refine), f64(p.alpha_structure)))
     return tau, alpha

@@ -123,3 +123,20 @@ def test_init_tiny_then_generate(tmp_path):
                 str(tmp_path / "x.png"), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "x.png").size == (96, 64)  # the tiny model's default size
+
+
+@pytest.mark.parametrize("device,needle", [("gpu", "is not a device"), ("meta", "runs on cpu or cuda")])
+def test_bad_device(tiny_ckpt, tmp_path, device, needle):
+    r = run_cli("generate", "--model", str(tiny_ckpt), "--prompt", "x", "--device", device, "--out",
+                str(tmp_path / "o.png"))
+    _one_line_error(r, needle)
+
+
+def test_unsupported_config_option(tiny_ckpt, tmp_path):
+    d = tmp_path / "biased"
+    shutil.copytree(tiny_ckpt, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["include_bias"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("generate", "--model", str(d), "--prompt", "x", "--out", str(tmp_path / "o.png"))
+    _one_line_error(r, "include_bias")

@@ -112,6 +112,14 @@ def test_ladr_step_equals_spec(temp, delayed, HW):
         # Coarse logits so the margin straddles tau = 0.05 and ties occur.
         logits = (random_logits(g, 1, st.N, st.K, scale=2.0) * 4).round() / 4
         sampler.step(logits)
+        # step 2 recomputed independently: l = (1 + s) l_cond - s l_uncond, P = softmax(l)
+        l = 3.0 * logits[0].double() - 2.0 * logits[1].double()
+        P = torch.softmax(l, dim=-1)
+        top2 = P.topk(2, dim=-1).values
+        torch.testing.assert_close(st.delta[0].double(), top2[:, 0] - top2[:, 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(st.conf[0].double(), P.gather(1, st.z_pred[0, :, None])[:, 0], rtol=0, atol=1e-6)
+        if temp == 0:
+            assert torch.equal(st.z_pred[0], l.argmax(-1))
         conf, delta, g2 = st.conf[0].tolist(), st.delta[0].tolist(), st.u2[0].tolist()
         M_ref, rescued, t_eff = spec_ladr_step(M_prev, conf, delta, g2, temp, H, W, 20, p)
         phases_seen.add(0 if t_eff < 0.2 else 1 if t_eff < 0.7 else 2)
@@ -273,3 +281,19 @@ def test_cuda_step_has_no_sync_and_graph_replay_equals_eager(name):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(st_g.z, st_e.z) and torch.equal(st_g.M, st_e.M)
+
+
+def test_phase_table_is_exact_float64():
+    """delta > tau compares against 0.05 itself, not float32(0.05) = 0.0500000007."""
+    from ladr_rt.schedule import phase_params
+
+    tau, alpha = phase_params(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), LadrParams())
+    assert tau.dtype == alpha.dtype == torch.float64
+    assert tau.tolist()[:2] == [0.05, 0.05] and tau.tolist()[2] == -math.inf
+    assert alpha.tolist() == [0.1, 0.3, 1.0]
+
+
+@pytest.mark.parametrize("kernel", [0, 2, 4])
+def test_even_or_empty_kernel_is_refused(kernel):
+    with pytest.raises(ValueError, match="odd"):
+        SamplerConfig(ladr=LadrParams(kernel=kernel)).validate()

@@ -98,11 +98,13 @@ class TrtDenoiser:
         self.path = Path(plan_path)
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        with torch.cuda.device(self.device):  # TensorRT allocates on the current device
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT cannot deserialize {self.path} (truncated, or built by another TensorRT "
                               "version or GPU); rebuild it with `ladr-rt build --backend tensorrt`")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            self.context = self.engine.create_execution_context()
         self.io = {}
         for i in range(self.engine.num_io_tensors):
             n = self.engine.get_tensor_name(i)
