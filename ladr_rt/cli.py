@@ -90,7 +90,7 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=True, help="Progress bar over steps (stderr).")
 def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
              dtype, out, save_tokens, trace_path, progress) -> None:
-    """Prompt -> PNG with the eager backend."""
+    """Prompt -> PNG with the eager model, or with an engine from `ladr-rt build`."""
     from .checkpoint import CheckpointError
     from .tokens import PromptTooLong
 
@@ -113,7 +113,6 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
 
         if click.get_current_context().get_parameter_source("prompt_budget") == ParameterSource.DEFAULT:
             prompt_budget = None
-    spec = ImageSpec(height or 0, width or 0, prompt_budget or 0)
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
     out_p = _writable(out, "--out")
     tok_p = _writable(save_tokens, "--save-tokens") if save_tokens else None
@@ -128,7 +127,6 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
             pipe = LadrPipeline.from_engine(engine, device, height, width, prompt_budget, model_dir=model_dir)
             dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
         else:
-            spec.validate()
             dev, dt = _device_dtype(device, dtype)
             pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
         res = pipe(prompt, scfg, progress=progress)

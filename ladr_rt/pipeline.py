@@ -48,14 +48,14 @@ class LadrPipeline:
     @classmethod
     def from_pretrained(cls, model_dir, height: int = 512, width: int = 512, prompt_budget: int = 64,
                         dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 1) -> "LadrPipeline":
-        from .checkpoint import load_model, load_tokenizer
+        from .checkpoint import load_model, load_tokenizer, read_config
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
         spec = ImageSpec(height, width, prompt_budget)
+        spec.validate(read_config(model_dir).layout.vq_scale)  # before the (possibly 16 GB) load
         model = load_model(model_dir, dtype=dtype, device=device)
         layout = model.cfg.layout
-        spec.validate(layout.vq_scale)
         seq = SequenceLayout(spec, layout)
         return cls(EagerDenoiser(model, seq.image_positions), load_tokenizer(model_dir), load_vq(model_dir, device),
                    layout, spec, batch)
