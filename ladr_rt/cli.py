@@ -72,8 +72,9 @@ def main() -> None:
               help="Image height in pixels (multiple of 16)  [default: the model's default size]")
 @click.option("--width", type=int, default=None,
               help="Image width in pixels (multiple of 16)  [default: the model's default size]")
-@click.option("--prompt-budget", type=int, default=ImageSpec.prompt_budget,
-              help="Text tokens per row (prompt + template), left-padded.")
+@click.option("--prompt-budget", type=int, default=None,
+              help=f"Text tokens per row (prompt + template), left-padded.  [default: {ImageSpec.prompt_budget}, "
+                   "or the engine's]")
 @click.option("--steps", type=int, default=SamplerConfig.steps, help="Schedule length T (max evaluations).")
 @click.option("--cfg", type=float, default=SamplerConfig.cfg, help="Classifier-free guidance scale s_cfg.")
 @click.option("--temperature", type=float, default=SamplerConfig.temperature,
@@ -94,25 +95,6 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
     from .checkpoint import CheckpointError
     from .tokens import PromptTooLong
 
-    if model_dir is None and engine is None:  # the testbed model shipped inside the package
-        from .testbed import model_dir as shipped
-
-        model_dir = str(shipped())
-        if not (Path(model_dir) / "config.json").is_file():
-            raise UserError(f"no model: the shipped model {model_dir} is missing from this install; pass --model DIR")
-    if engine is None:
-        try:
-            from .checkpoint import read_config
-
-            default_h, default_w = read_config(model_dir).default_size
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
-        height, width = height or default_h, width or default_w
-    else:  # the engine's shape unless the user names one (then it must match)
-        from click.core import ParameterSource
-
-        if click.get_current_context().get_parameter_source("prompt_budget") == ParameterSource.DEFAULT:
-            prompt_budget = None
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
     out_p = _writable(out, "--out")
     tok_p = _writable(save_tokens, "--save-tokens") if save_tokens else None
@@ -125,11 +107,11 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
             if device != "auto":
                 device = _device_dtype(device, "fp32")[0]  # validate; the manifest picks the runner
             pipe = LadrPipeline.from_engine(engine, device, height, width, prompt_budget, model_dir=model_dir)
-            dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
         else:
             dev, dt = _device_dtype(device, dtype)
             pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
         res = pipe(prompt, scfg, progress=progress)
+        dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
     except (CheckpointError, PromptTooLong, ValueError) as e:
         raise UserError(str(e)) from None
     atomic_write(out_p, lambda t: res.images[0].save(t, format="PNG"))

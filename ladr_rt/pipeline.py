@@ -46,14 +46,27 @@ class LadrPipeline:
         self.state: RunState | None = None
 
     @classmethod
-    def from_pretrained(cls, model_dir, height: int = 512, width: int = 512, prompt_budget: int = 64,
-                        dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 1) -> "LadrPipeline":
-        from .checkpoint import load_model, load_tokenizer, read_config
+    def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
+                        prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        batch: int = 1) -> "LadrPipeline":
+        """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
+        ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
+        ``prompt_budget`` None: ``ImageSpec``'s default."""
+        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
-        spec = ImageSpec(height, width, prompt_budget)
-        spec.validate(read_config(model_dir).layout.vq_scale)  # before the (possibly 16 GB) load
+        if model_dir is None:
+            from .testbed import model_dir as shipped
+
+            model_dir = shipped()
+            if not (model_dir / "config.json").is_file():
+                raise CheckpointError(f"the shipped model {model_dir} is missing from this install; pass a model "
+                                      "directory (--model DIR)")
+        cfg = read_config(model_dir)
+        spec = ImageSpec(height or cfg.default_size[0], width or cfg.default_size[1],
+                         prompt_budget or ImageSpec.prompt_budget)
+        spec.validate(cfg.layout.vq_scale)  # before the (possibly 16 GB) load
         model = load_model(model_dir, dtype=dtype, device=device)
         layout = model.cfg.layout
         seq = SequenceLayout(spec, layout)

@@ -140,3 +140,12 @@ def test_unsupported_config_option(tiny_ckpt, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     r = run_cli("generate", "--model", str(d), "--prompt", "x", "--out", str(tmp_path / "o.png"))
     _one_line_error(r, "include_bias")
+
+
+def test_missing_shipped_model_is_one_line(tmp_path, monkeypatch):
+    import ladr_rt.testbed
+
+    monkeypatch.setattr(ladr_rt.testbed, "model_dir", lambda: tmp_path / "not-installed")
+    r = CliRunner().invoke(main, ["generate", "--prompt", "a red circle", "--out", str(tmp_path / "o.png")])
+    assert r.exit_code == 1 and "missing from this install; pass a model directory (--model DIR)" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()

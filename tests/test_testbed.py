@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from ladr_rt import testbed
 from ladr_rt.checkpoint import CheckpointError, load_model, load_tokenizer, read_config
 from ladr_rt.config import ImageSpec, SamplerConfig
-from ladr_rt.testbed.scenes import CODEBOOK, GRID, RGB
+from ladr_rt.testbed.scenes import (CODE_COLOUR, CODEBOOK, COLOURS, GRID, PATTERNS, RGB, fine_mask,
+                                    template_codes)
 from ladr_rt.tokens import SequenceLayout, build_rows, text_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,14 +97,26 @@ def test_palette_decoder_round_trip(tmp_path):
     pal = testbed.palette()
     pal.save_pretrained(tmp_path / "vqvae")
     vq = load_vq(tmp_path)
-    codes = torch.tensor([[[0, 1], [2, 6]]])
+    green_full = 1 + COLOURS.index("green") * len(PATTERNS)  # pattern 0 is the full tile
+    rim = int(template_codes("circle", "blue")[0, 0])  # top-left rim tile of a blue circle
+    codes = torch.tensor([[[0, 1], [green_full, rim]]])
     rgb = vq.decode(codes)
     assert rgb.shape == (1, 3, 32, 32) and rgb.dtype == torch.float32
     assert 0 <= rgb.min() and rgb.max() <= 1
-    assert torch.allclose(rgb[0, :, 20, 5] * 255, torch.tensor(RGB["green"], dtype=torch.float32))  # code 2
-    assert torch.equal(rgb[0, :, :16, :16], rgb[0, :, :1, :1].expand(3, 16, 16))
+    px = lambda r, c: (rgb[0, :, r, c] * 255).round()  # noqa: E731
+    assert torch.equal(rgb[0, :, 16:, :16], px(20, 5)[:, None, None].expand(3, 16, 16) / 255)
+    assert torch.equal(px(20, 5), torch.tensor(RGB["green"], dtype=torch.float32))
+    assert torch.equal(rgb[0, :, :16, :16], rgb[0, :, :1, :1].expand(3, 16, 16))  # background
+    # the rim tile: background in its outer (top-left) corner, blue at its inner corner, drawn 4 px per sub-cell
+    assert torch.equal(px(16, 16), torch.tensor(RGB["background"], dtype=torch.float32))
+    assert torch.equal(px(31, 31), torch.tensor(RGB["blue"], dtype=torch.float32))
+    fine = fine_mask(np.array([[rim]]))
+    for i in range(4):
+        for j in range(4):
+            want = RGB["blue"] if fine[i, j] else RGB["background"]
+            assert torch.equal(px(16 + 4 * i + 2, 16 + 4 * j + 1), torch.tensor(want, dtype=torch.float32))
     with pytest.raises(ValueError, match="outside the palette"):
-        vq.decode(torch.tensor([[[7]]]))
+        vq.decode(torch.tensor([[[CODEBOOK]]]))
     (tmp_path / "vqvae" / "config.json").write_text('{"_class_name": "PaletteVQ"}')
     with pytest.raises(CheckpointError, match="not a PaletteVQ config"):
         load_vq(tmp_path)
@@ -112,13 +125,13 @@ def test_palette_decoder_round_trip(tmp_path):
 def test_model_paints_the_named_colour(pipe):
     """Held-out prompts that name one colour, baseline sampler: the named colour must be the
     image's dominant object colour far more often than a prompt-blind model's 1 in 6."""
-    from ladr_rt.testbed.scenes import COLOURS, held_out_specs
+    from ladr_rt.testbed.scenes import held_out_specs
 
     specs = held_out_specs("colors") * 2
     hits = 0
     for k, s in enumerate(specs):
         codes = pipe.generate_codes(s.prompt, SamplerConfig(name="baseline", steps=16, seed=k))[0][0].numpy()
-        counts = np.bincount(codes.ravel(), minlength=CODEBOOK)[1:]
+        counts = np.bincount(CODE_COLOUR[codes.ravel()], minlength=1 + len(COLOURS))[1:]
         hits += COLOURS[int(counts.argmax())] == s.groups[0].colour and counts.sum() > 0
     assert hits / len(specs) >= 0.5, f"{hits}/{len(specs)}"
 

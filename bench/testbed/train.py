@@ -1,6 +1,7 @@
 """Train the testbed mini-DiMOO: DiMOO's architecture and sequence layout, a synthetic task.
 
-    python bench/testbed/train.py --out ladr_rt/assets/testbed     # ~25 min on one CPU core
+    python bench/testbed/train.py --out ladr_rt/assets/testbed --steps 4500 --log bench/testbed/loss.jsonl
+    # ~50 min on one core of a 2-core CPU (the shipped model's command; TRAINING.md has it as run)
 
 Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
 mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
@@ -127,7 +128,9 @@ def main(argv=None) -> None:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
                 "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
-                "torch": torch.__version__}
+                "torch": torch.__version__, "seed": args.seed,
+                "arch": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                         "mlp": cfg.mlp_hidden_size, "codebook": CODEBOOK, "grid": GRID}}
         save_checkpoint(args.out, cfg, sd, tok, vq=palette(), extra_files={
             "TRAINING.md": training_md(info), "training.json": json.dumps(info, indent=1) + "\n"})
 
@@ -157,14 +160,24 @@ def main(argv=None) -> None:
 
 
 def training_md(info: dict) -> str:
+    a = info["arch"]
     return (
         "# Testbed mini-DiMOO: how this checkpoint was made\n\n"
         "Written by `bench/testbed/train.py` at the end of its run (numbers from that run).\n\n"
+        "Lumina-DiMOO's architecture (LLaDA block: RMSNorm, RoPE, bidirectional attention, SwiGLU) and "
+        "its text-to-image sequence layout (system/user template, BOA BOI, rows of codes each ending in "
+        "NEWLINE, EOI EOA, left-padded prompt), shrunk: "
+        f"d_model {a['d_model']}, {a['n_layers']} layers, {a['n_heads']} heads, MLP {a['mlp']}, "
+        f"a {a['codebook']}-code colour x edge-pattern codebook, a {a['grid']}x{a['grid']} token grid "
+        f"({a['grid'] * 16}x{a['grid'] * 16} px). Data: `ladr_rt/testbed/scenes.py` (held-out prompts "
+        "never drawn).\n\n"
         f"- command (from the repository root): `{info['command']}`\n"
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
         f"{info['final_loss_last100']}\n"
         f"- wall time: {info['seconds']} s on {info['threads']} CPU thread(s), torch {info['torch']}\n"
+        f"- seed {info['seed']}: the same command gives the same loss curve (single-threaded kernels are "
+        "deterministic on CPU; `tests/test_testbed.py::test_training_is_seeded`)\n"
     )
 
 

@@ -40,6 +40,7 @@ def layout():
 
 def palette():
     from ..palette import PaletteVQ
-    from .scenes import RGB
+    from .scenes import CODES, RGB, SUB
 
-    return PaletteVQ([list(RGB["background"])] + [list(RGB[c]) for c in COLOURS], scale=16)
+    return PaletteVQ([list(RGB["background"])] + [list(RGB[c]) for c in COLOURS], scale=16,
+                     codes=[list(c) for c in CODES], sub=SUB)

@@ -1,7 +1,8 @@
 """GenEval-style scoring of a generated code grid against its prompt.
 
-Objects are the 4-connected components of each colour; each gets a shape class from
-its footprint (or none, when it is noise, a blob or a merge of two objects). A prompt
+Objects are the 4-connected components of each colour (any code of that colour); each
+gets a shape class from its sub-cell footprint (or none, when it is noise, a blob, a
+broken shape or a merge of two objects). A prompt
 passes when every group it names is present (exactly ``count`` of them when it names
 more than one; GenEval's counting rule) with the right colour where one is named, and
 the groups' centroids stand in the named relation. Deterministic: no model in the loop.
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scenes import CATEGORIES, COLOURS, Spec, centroid, parse_prompt, relation_holds
+from .scenes import (CATEGORIES, CODE_COLOUR, COLOURS, OBJ, SHAPES, Spec, centroid, fine_mask, parse_prompt,
+                     relation_holds, shape_mask)
 
-MIN_CELLS = 6  # smaller components are speckle, not objects
-MAX_SIDE = 8  # larger bounding boxes are blobs (the largest drawn object is 7 wide)
+MIN_CELLS = 3  # smaller components are speckle, not objects
+MIN_IOU = 0.85  # sub-cell IoU with the best template; square-vs-circle is 0.79, so a shape must be clean
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Found:
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a bool [H, W] mask, as lists of (row, col)."""
+    """4-connected components of a bool [H, W] mask, as int arrays [n, 2] of (row, col)."""
     H, W = mask.shape
     seen = np.zeros_like(mask)
     out = []
@@ -48,35 +50,37 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def classify(cells: np.ndarray) -> str | None:
-    """Shape class from the footprint's bounding box: squares fill it, triangles widen
-    downwards, circles leave the corners empty."""
+TEMPLATES = {s: shape_mask(s) for s in SHAPES}  # bool [OBJ*SUB, OBJ*SUB] each
+
+
+def classify(cells: np.ndarray, grid: np.ndarray) -> str | None:
+    """Shape class of one component: its token bounding box must be a template's (OBJ x OBJ;
+    bigger is a merge or a blob), and its sub-cell footprint must match that template with
+    IoU >= MIN_IOU. Matching the footprint, not the codes, so any code of the right colour
+    and sub-mask counts, wherever the object stands."""
     r0, c0 = cells.min(0)
     r1, c1 = cells.max(0)
-    h, w = r1 - r0 + 1, c1 - c0 + 1
-    if len(cells) < MIN_CELLS or max(h, w) > MAX_SIDE or min(h, w) < 3:
+    if len(cells) < MIN_CELLS or (r1 - r0 + 1, c1 - c0 + 1) != (OBJ, OBJ):
         return None
-    box = np.zeros((h, w), bool)
-    box[cells[:, 0] - r0, cells[:, 1] - c0] = True
-    fill = box.mean()
-    corners = int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1])
-    if corners >= 3 and fill >= 0.8 and abs(h - w) <= 1:
-        return "square"
-    top, bottom = box[0].mean(), box[-1].mean()
-    if bottom - top >= 0.4 and w > h:
-        return "triangle"
-    if corners <= 1 and fill >= 0.6 and abs(h - w) <= 1:
-        return "circle"
-    return None
+    own = np.zeros((OBJ, OBJ), np.int64)  # the component's codes only: a neighbour's tokens are not its own
+    own[cells[:, 0] - r0, cells[:, 1] - c0] = np.asarray(grid)[cells[:, 0], cells[:, 1]]
+    fine = fine_mask(own)
+    best, best_iou = None, 0.0
+    for shape, t in TEMPLATES.items():
+        iou = (fine & t).sum() / (fine | t).sum()
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best if best_iou >= MIN_IOU else None
 
 
 def find_objects(grid: np.ndarray) -> list[Found]:
     grid = np.asarray(grid)
+    colour = CODE_COLOUR[grid]  # [H, W] 0 = background
     out = []
-    for code in range(1, 1 + len(COLOURS)):
-        for cells in components(grid == code):
+    for k in range(1, 1 + len(COLOURS)):
+        for cells in components(colour == k):
             if len(cells) >= MIN_CELLS:
-                out.append(Found(classify(cells), COLOURS[code - 1], tuple(cells.mean(0)), len(cells)))
+                out.append(Found(classify(cells, grid), COLOURS[k - 1], tuple(cells.mean(0)), len(cells)))
     return out
 
 
