@@ -116,7 +116,8 @@ def run(args) -> dict:
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
                    f"{args.threads} thread(s), eager fp32, batch 1",
         "git_commit": commit, "model": str(mdir.name), "model_training": training,
-        "settings": {"size": args.size, "prompt_budget": args.prompt_budget, "cfg": args.cfg,
+        "settings": {"size": args.size, "prompt_budget": args.prompt_budget,
+                     "cfg": pipe.default_cfg if args.cfg is None else args.cfg,
                      "temperature": args.temperature, "seeds": args.seeds, "per_category": args.per_category,
                      "prompts": sorted({s.prompt for s in items})},
         "reference": chance(items, args.seeds),
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these samplers")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--prompt-budget", type=int, default=24)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale [default: the model's ladr_default_cfg]")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(HERE / "sampler_study.json"))

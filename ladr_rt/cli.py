@@ -76,7 +76,9 @@ def main() -> None:
               help=f"Text tokens per row (prompt + template), left-padded.  [default: {ImageSpec.prompt_budget}, "
                    "or the engine's]")
 @click.option("--steps", type=int, default=SamplerConfig.steps, help="Schedule length T (max evaluations).")
-@click.option("--cfg", type=float, default=SamplerConfig.cfg, help="Classifier-free guidance scale s_cfg.")
+@click.option("--cfg", type=float, default=None,
+              help="Classifier-free guidance scale s_cfg.  [default: the model's (config.json ladr_default_cfg), "
+                   "else 4.0]")
 @click.option("--temperature", type=float, default=SamplerConfig.temperature,
               help="Sampling temperature (0 = greedy, deterministic).")
 @click.option("--seed", type=int, default=SamplerConfig.seed, help="Random seed; same seed, same image.")
@@ -124,7 +126,7 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
 
         atomic_write(tok_p, save_npy)
     if trace_p:
-        trace = {"sampler": sampler, "steps": steps, "cfg": cfg, "temperature": temperature, "seed": seed,
+        trace = {"sampler": sampler, "steps": steps, "cfg": pipe.default_cfg if cfg is None else cfg, "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
                  "decode_seconds": res.decode_seconds, "masked": res.trace["masked"][0],
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}

@@ -72,6 +72,7 @@ class ModelConfig:
     weight_tying: bool = False
     layout: TokenLayout = field(default_factory=TokenLayout)
     default_size: tuple[int, int] = (1024, 1024)  # (height, width) generate uses when none is given
+    default_cfg: float = 4.0  # guidance scale when SamplerConfig.cfg is None (DiMOO's 4.0 unless config.json says)
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +105,7 @@ class ModelConfig:
             weight_tying=bool(d.get("weight_tying", False)),
             layout=TokenLayout.from_dict(d.get("ladr_layout")),
             default_size=tuple(d.get("ladr_default_size") or (1024, 1024)),
+            default_cfg=float(d.get("ladr_default_cfg", 4.0)),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -142,6 +144,8 @@ class ModelConfig:
             d["ladr_layout"] = dataclasses.asdict(self.layout)
         if self.default_size != (1024, 1024):
             d["ladr_default_size"] = list(self.default_size)
+        if self.default_cfg != 4.0:
+            d["ladr_default_cfg"] = self.default_cfg
         return d
 
     def digest(self) -> str:
@@ -224,7 +228,7 @@ class ThresholdParams:
 class SamplerConfig:
     name: str = "ladr"
     steps: int = 64  # T
-    cfg: float = 4.0  # s_cfg
+    cfg: float | None = None  # s_cfg; None: the model's default (config.json ladr_default_cfg, else 4.0)
     temperature: float = 1.0
     seed: int = 0
     ladr: LadrParams = field(default_factory=LadrParams)
@@ -236,7 +240,7 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.cfg < 0:
+        if self.cfg is not None and self.cfg < 0:
             raise ValueError(f"--cfg must be >= 0, got {self.cfg}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")

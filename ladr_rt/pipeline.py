@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ImageSpec, SamplerConfig, TokenLayout
+from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .samplers import RunState, make_sampler
 from .tokens import SequenceLayout, build_rows, write_image_tokens
@@ -31,8 +31,10 @@ class GenerationResult:
 
 
 class LadrPipeline:
-    def __init__(self, denoiser: Denoiser, tokenizer, vq, layout: TokenLayout, spec: ImageSpec, batch: int = 1):
+    def __init__(self, denoiser: Denoiser, tokenizer, vq, layout: TokenLayout, spec: ImageSpec, batch: int = 1,
+                 default_cfg: float = ModelConfig.default_cfg):
         spec.validate(layout.vq_scale)
+        self.default_cfg = default_cfg  # the model's guidance scale for SamplerConfig(cfg=None)
         self.denoiser, self.tokenizer, self.vq, self.layout = denoiser, tokenizer, vq, layout
         self.seq = SequenceLayout(spec, layout)
         self.batch = batch
@@ -71,7 +73,7 @@ class LadrPipeline:
         layout = model.cfg.layout
         seq = SequenceLayout(spec, layout)
         return cls(EagerDenoiser(model, seq.image_positions), load_tokenizer(model_dir), load_vq(model_dir, device),
-                   layout, spec, batch)
+                   layout, spec, batch, cfg.default_cfg)
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
@@ -97,7 +99,7 @@ class LadrPipeline:
         spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
         denoiser = load_denoiser(m, device)
         return cls(denoiser, load_tokenizer(model_dir), load_vq(model_dir, denoiser.device), cfg.layout, spec,
-                   a["batch"])
+                   a["batch"], cfg.default_cfg)
 
     def _state(self, T: int) -> RunState:
         h, w = self.seq.grid
@@ -162,7 +164,7 @@ class LadrPipeline:
         self.key_mask.copy_(key_mask)
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
-        sampler = make_sampler(cfg, state)
+        sampler = make_sampler(cfg, state, self.default_cfg)
         step = self.step_runner(sampler)
         bar = None
         if progress:

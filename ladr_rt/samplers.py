@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import LadrParams, SamplerConfig
+from .config import LadrParams, ModelConfig, SamplerConfig
 from .schedule import baseline_keep, gamma_inv, ladr_keep, phase_params
 
 
@@ -210,11 +210,14 @@ class LadrSampler(BaselineSampler):
 REGISTRY: dict[str, type[Sampler]] = {"baseline": BaselineSampler, "ladr": LadrSampler, "ladr-delayed": LadrSampler}
 
 
-def make_sampler(cfg: SamplerConfig, state: RunState) -> Sampler:
-    cfg.validate()
-    if cfg.name == "ladr-delayed" and not cfg.ladr.delayed:
-        import dataclasses
+def make_sampler(cfg: SamplerConfig, state: RunState, default_cfg: float = ModelConfig.default_cfg) -> Sampler:
+    """``default_cfg``: the guidance scale when ``cfg.cfg`` is None (the pipeline passes the model's)."""
+    import dataclasses
 
+    cfg.validate()
+    if cfg.cfg is None:
+        cfg = dataclasses.replace(cfg, cfg=default_cfg)
+    if cfg.name == "ladr-delayed" and not cfg.ladr.delayed:
         cfg = dataclasses.replace(cfg, ladr=dataclasses.replace(cfg.ladr, delayed=True))
     return REGISTRY[cfg.name](cfg, state)
 

@@ -144,6 +144,8 @@ def test_unsupported_config_option(tiny_ckpt, tmp_path):
 
 def test_missing_shipped_model_is_one_line(tmp_path, monkeypatch):
     import ladr_rt.testbed
+    from click.testing import CliRunner
+    from ladr_rt.cli import main
 
     monkeypatch.setattr(ladr_rt.testbed, "model_dir", lambda: tmp_path / "not-installed")
     r = CliRunner().invoke(main, ["generate", "--prompt", "a red circle", "--out", str(tmp_path / "o.png")])
