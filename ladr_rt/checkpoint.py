@@ -142,7 +142,7 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
 
     from safetensors.torch import save_file
 
-    from .fileio import replace_dir, temp_dir_beside
+    from .fileio import _umask, replace_dir, temp_dir_beside
 
     final = Path(out)
     tmp = temp_dir_beside(final)
@@ -161,6 +161,7 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes 0600; a checkpoint is meant to be shared
             for k, v in shard.items():
                 weight_map[k] = name
                 total += v.numel() * v.element_size()

@@ -53,7 +53,7 @@ def test_help_documents_every_option_with_default():
     for opt in ("--model", "--prompt", "--height", "--width", "--steps", "--cfg", "--temperature", "--seed",
                 "--sampler", "--out", "--save-tokens", "--trace", "--prompt-budget"):
         assert opt in r.stdout
-    for default in ("default: 64]", "default: 4.0]", "default: 1.0]", "default: ladr]", "default: out.png]"):
+    for default in ("default: 64]", "else 4.0]", "default: 1.0]", "default: ladr]", "default: out.png]"):
         assert default in r.stdout
     assert "baseline|ladr|ladr-delayed" in r.stdout.replace("\n", "").replace(" ", "")
 
