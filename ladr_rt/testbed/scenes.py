@@ -157,13 +157,20 @@ CODE_COLOUR = np.array([c for c, _ in CODES])  # int64 [CODEBOOK]: 0 = backgroun
 CODE_MASK = np.array([m for _, m in CODES])  # int64 [CODEBOOK]
 
 
-def template_codes(shape: str, colour: str) -> np.ndarray:
-    """int64 [OBJ, OBJ] codes of one object."""
+def _pattern_index(shape: str) -> np.ndarray:
+    """int64 [OBJ, OBJ]: each tile's index in PATTERNS, -1 for an empty tile."""
     masks = tile_masks(shape_mask(shape))
     j = np.searchsorted(np.array(PATTERNS[1:]), masks)  # index among the sorted partial patterns
-    pattern = np.where(masks == PATTERNS[0], 0, j + 1)
-    base = 1 + COLOURS.index(colour) * len(PATTERNS)
-    return np.where(masks == 0, 0, base + pattern)
+    return np.where(masks == 0, -1, np.where(masks == PATTERNS[0], 0, j + 1))
+
+
+_PATTERN_INDEX = {s: _pattern_index(s) for s in SHAPES}  # rasterised once, not per drawn scene
+
+
+def template_codes(shape: str, colour: str) -> np.ndarray:
+    """int64 [OBJ, OBJ] codes of one object (a new array)."""
+    idx = _PATTERN_INDEX[shape]
+    return np.where(idx < 0, 0, 1 + COLOURS.index(colour) * len(PATTERNS) + idx)
 
 
 def fine_mask(codes: np.ndarray) -> np.ndarray:
@@ -204,11 +211,9 @@ def centroid(points: list[tuple[float, float]]) -> tuple[float, float]:
     return float(np.mean([p[0] for p in points])), float(np.mean([p[1] for p in points]))
 
 
-def sample_scene(spec: Spec, rng: np.random.Generator, grid: int = GRID, tries: int = 500) -> list[Placed]:
+def sample_scene(spec: Spec, rng: np.random.Generator, tries: int = 500) -> list[Placed]:
     """Objects in distinct random slots; a spatial relation holds between the groups'
     centroids with a margin of 2 cells (so a drawn scene is never borderline for the scorer)."""
-    if grid != GRID:
-        raise ValueError(f"the testbed's slot layout is drawn on a {GRID}x{GRID} grid, not {grid}x{grid}")
     colours = [g.colour or COLOURS[rng.integers(len(COLOURS))] for g in spec.groups]
     n = sum(g.count for g in spec.groups)
     for _ in range(tries):
@@ -226,9 +231,9 @@ def sample_scene(spec: Spec, rng: np.random.Generator, grid: int = GRID, tries: 
     raise RuntimeError(f"could not place {spec.prompt!r} in the 3x3 slots")
 
 
-def render(objects: list[Placed], grid: int = GRID) -> np.ndarray:
-    """int64 [grid, grid] codes."""
-    out = np.zeros((grid, grid), np.int64)
+def render(objects: list[Placed]) -> np.ndarray:
+    """int64 [GRID, GRID] codes."""
+    out = np.zeros((GRID, GRID), np.int64)
     for o in objects:
         out[o.top: o.top + OBJ, o.left: o.left + OBJ] = template_codes(o.shape, o.colour)
     return out
