@@ -78,7 +78,7 @@ def run(args) -> dict:
     pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget)
     items = eval_items(args.per_category)
     configs = [c for c in CONFIGS if not args.only or c[1] in args.only]
-    results = []
+    results, used_cfg = [], args.cfg  # used_cfg: what generate_codes reports it used
     for label, name, T in configs:
         base = SamplerConfig(name=name, steps=T, cfg=args.cfg, temperature=args.temperature)
         pipe.generate_codes(items[0].prompt, base)  # warm-up: first-call allocations, caches
@@ -87,7 +87,8 @@ def run(args) -> dict:
             for k, spec in enumerate(items):
                 cfg = SamplerConfig(name=name, steps=T, cfg=args.cfg, temperature=args.temperature,
                                     seed=seed * 1000 + k)
-                codes, _, n, s = pipe.generate_codes(spec.prompt, cfg)
+                codes, trace, n, s = pipe.generate_codes(spec.prompt, cfg)
+                used_cfg = trace["cfg"]
                 specs.append(spec)
                 grids.append(codes[0].numpy())
                 evals.append(n)
@@ -117,7 +118,7 @@ def run(args) -> dict:
                    f"{args.threads} thread(s), eager fp32, batch 1",
         "git_commit": commit, "model": str(mdir.name), "model_training": training,
         "settings": {"size": args.size, "prompt_budget": args.prompt_budget,
-                     "cfg": pipe.default_cfg if args.cfg is None else args.cfg,
+                     "cfg": used_cfg,
                      "temperature": args.temperature, "seeds": args.seeds, "per_category": args.per_category,
                      "prompts": sorted({s.prompt for s in items})},
         "reference": chance(items, args.seeds),

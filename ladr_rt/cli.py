@@ -126,7 +126,7 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
 
         atomic_write(tok_p, save_npy)
     if trace_p:
-        trace = {"sampler": sampler, "steps": steps, "cfg": pipe.default_cfg if cfg is None else cfg, "temperature": temperature, "seed": seed,
+        trace = {"sampler": sampler, "steps": steps, "cfg": res.trace["cfg"], "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
                  "decode_seconds": res.decode_seconds, "masked": res.trace["masked"][0],
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}

@@ -104,8 +104,8 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             weight_tying=bool(d.get("weight_tying", False)),
             layout=TokenLayout.from_dict(d.get("ladr_layout")),
-            default_size=tuple(d.get("ladr_default_size") or (1024, 1024)),
-            default_cfg=float(d.get("ladr_default_cfg", 4.0)),
+            default_size=tuple(d.get("ladr_default_size") or cls.default_size),
+            default_cfg=float(d.get("ladr_default_cfg", cls.default_cfg)),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -142,9 +142,9 @@ class ModelConfig:
         }
         if self.layout != TokenLayout():
             d["ladr_layout"] = dataclasses.asdict(self.layout)
-        if self.default_size != (1024, 1024):
+        if self.default_size != ModelConfig.default_size:
             d["ladr_default_size"] = list(self.default_size)
-        if self.default_cfg != 4.0:
+        if self.default_cfg != ModelConfig.default_cfg:
             d["ladr_default_cfg"] = self.default_cfg
         return d
 

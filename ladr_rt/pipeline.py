@@ -186,7 +186,9 @@ class LadrPipeline:
         if bar is not None:
             bar.close()
         h, w = self.seq.grid
-        return state.z.view(self.batch, h, w).clone(), state.read_trace(evals), evals, seconds
+        trace = state.read_trace(evals)
+        trace["cfg"] = sampler.cfg.cfg  # the guidance scale used (the model's when SamplerConfig.cfg is None)
+        return state.z.view(self.batch, h, w).clone(), trace, evals, seconds
 
     def __call__(self, prompts: str | list[str], cfg: SamplerConfig = SamplerConfig(),
                  progress: bool = False) -> GenerationResult:

@@ -39,6 +39,7 @@ def test_generate_writes_png_tokens_and_trace(tiny_ckpt, tmp_path):
     assert t["masked"][0] == 15 and t["masked"][-1] == 0
     assert all(a > b for a, b in zip(t["masked"], t["masked"][1:]))
     assert t["seconds"] > 0
+    assert t["cfg"] == 4.0  # the tiny checkpoint names no ladr_default_cfg: DiMOO's scale is what ran
     # same seed, same image
     out2 = tmp_path / "o2.png"
     r = run_cli("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width",
