@@ -71,34 +71,25 @@ def chance(items, seeds) -> dict:
 def run(args) -> dict:
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import eval_items, model_dir, score
+    from ladr_rt.testbed import eval_items, model_dir
+    from ladr_rt.testbed.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
     mdir = Path(args.model or model_dir())
     pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget)
     items = eval_items(args.per_category)
     configs = [c for c in CONFIGS if not args.only or c[1] in args.only]
-    results, used_cfg = [], args.cfg  # used_cfg: what generate_codes reports it used
+    results, used_cfg = [], args.cfg
     for label, name, T in configs:
-        base = SamplerConfig(name=name, steps=T, cfg=args.cfg, temperature=args.temperature)
-        pipe.generate_codes(items[0].prompt, base)  # warm-up: first-call allocations, caches
-        specs, grids, evals, secs = [], [], [], []
-        for seed in args.seeds:
-            for k, spec in enumerate(items):
-                cfg = SamplerConfig(name=name, steps=T, cfg=args.cfg, temperature=args.temperature,
-                                    seed=seed * 1000 + k)
-                codes, trace, n, s = pipe.generate_codes(spec.prompt, cfg)
-                used_cfg = trace["cfg"]
-                specs.append(spec)
-                grids.append(codes[0].numpy())
-                evals.append(n)
-                secs.append(s)
-        sc = score(specs, grids)
+        sampler = dict(name=name, steps=T, cfg=args.cfg, temperature=args.temperature)
+        pipe.generate_codes(items[0].prompt, SamplerConfig(**sampler))  # warm-up: first-call allocations, caches
+        ev = evaluate(pipe, items, args.seeds, **sampler)
+        used_cfg, sc = ev.cfg, ev.score
         row = {"label": label, "sampler": name, "T": T, "overall": sc["overall"], "categories": sc["categories"],
-               "evaluations_mean": float(np.mean(evals)), "evaluations_max": int(np.max(evals)),
-               "seconds_median": float(np.median(secs)), "images": len(grids),
+               "evaluations_mean": float(np.mean(ev.evaluations)), "evaluations_max": int(np.max(ev.evaluations)),
+               "seconds_median": float(np.median(ev.seconds)), "images": len(ev.grids),
                "per_image": [{"prompt": sp.prompt, "category": sp.category, "evaluations": n, "seconds": round(s, 5)}
-                             for sp, n, s in zip(specs, evals, secs)]}
+                             for sp, n, s in zip(ev.specs, ev.evaluations, ev.seconds)]}
         results.append(row)
         print(f"{label:22s} score {row['overall']:.3f}  evals {row['evaluations_mean']:5.1f}  "
               f"{row['seconds_median'] * 1000:6.1f} ms/image  " +

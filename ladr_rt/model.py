@@ -74,6 +74,16 @@ class Block(nn.Module):
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
 
+def run_trunk(wte: nn.Embedding, blocks: nn.ModuleList, ln_f: RMSNorm, input_ids: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Embedding -> blocks -> final norm, [B, L] ids -> [B, L, d]; the reference model and
+    the engine graph both run the stack through here, so they cannot drift apart."""
+    x = wte(input_ids)
+    for block in blocks:
+        x = block(x, cos, sin, attn_mask)
+    return ln_f(x)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -119,14 +129,11 @@ class DimooModel(nn.Module):
     def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, L, d]."""
         t = self.model.transformer
-        x = t.wte(input_ids.long())
         cos, sin = self.rope(input_ids.shape[1], input_ids.device)
         attn_mask = None
         if key_mask is not None:  # [B, L] True = real token -> [B, 1, 1, L] for SDPA
             attn_mask = key_mask.bool()[:, None, None, :]
-        for block in t.blocks:
-            x = block(x, cos, sin, attn_mask)
-        return t.ln_f(x)
+        return run_trunk(t.wte, t.blocks, t.ln_f, input_ids.long(), cos, sin, attn_mask)
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
                 image_positions: torch.Tensor | None = None) -> torch.Tensor:

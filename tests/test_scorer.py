@@ -133,6 +133,18 @@ def test_held_out_prompts_never_train():
         assert 1 <= len(held_out_specs(c)) < len(category_specs(c))
 
 
+def test_training_mix():
+    """Counting scenes are about a third of the data; p_relation sets how many two-group
+    scenes name a relation (train.py --p-relation)."""
+    rng = rng0(5)
+    specs = [sample_train_spec(rng) for _ in range(3000)]
+    counting = np.mean([len(s.groups) == 1 and s.groups[0].count > 1 for s in specs])
+    assert 0.28 < counting < 0.40, counting
+    for p in (0.0, 1.0):
+        two = [s for s in (sample_train_spec(rng, p) for _ in range(500)) if len(s.groups) == 2]
+        assert two and all((s.relation != "and") == (p == 1.0) for s in two)
+
+
 def test_scenes_fit_the_grid_and_are_seeded():
     s = parse_prompt("four squares")
     a, b = render(sample_scene(s, rng0(7))), render(sample_scene(s, rng0(7)))

@@ -148,9 +148,11 @@ def test_shipped_model_draws_held_out_prompts(pipe):
     """The default sampler (LADR, the model's cfg) on 24 held-out prompts, 4 per category: far
     above what a prompt-blind model scores, and each object category passes at least once.
     bench/sampler_study.py measures the same thing on 144 images per sampler."""
-    items = testbed.eval_items(4)
-    grids = [pipe.generate_codes(s.prompt, SamplerConfig(seed=k))[0][0].numpy() for k, s in enumerate(items)]
-    res = testbed.score(items, grids)
+    from ladr_rt.testbed.evaluate import evaluate
+
+    ev = evaluate(pipe, testbed.eval_items(4))
+    assert len(ev.grids) == 24 and ev.cfg == pipe.default_cfg
+    res = ev.score
     assert res["overall"] >= 0.25, res
     assert sum(v > 0 for v in res["categories"].values()) >= 4, res
 

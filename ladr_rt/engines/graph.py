@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import Block, RMSNorm, rope_tables
+from ..model import Block, RMSNorm, rope_tables, run_trunk
 
 INPUTS = ("input_ids", "key_mask")
 OUTPUTS = ("logits",)
@@ -58,11 +58,9 @@ class EngineGraph(nn.Module):
         return cls(cfg, seq_len, image_positions, wte, blocks, ln_f, head).eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.wte(input_ids)  # [2B, L, d]
         mask = key_mask[:, None, None, :]  # [2B, 1, 1, L]: hides left-padding keys only
-        for block in self.blocks:
-            x = block(x, self.cos, self.sin, mask)
-        h = self.ln_f(x).index_select(1, self.positions)  # [2B, N, d]
+        x = run_trunk(self.wte, self.blocks, self.ln_f, input_ids, self.cos, self.sin, mask)  # [2B, L, d]
+        h = x.index_select(1, self.positions)  # [2B, N, d]
         # The head runs in the model's dtype (as eager does); the engine boundary is fp32 so
         # every backend hands the sampler the same logits dtype.
         return F.linear(h, self.head).float()  # [2B, N, codebook]
