@@ -1,7 +1,9 @@
 """Train the testbed mini-DiMOO: DiMOO's architecture and sequence layout, a synthetic task.
 
-    python bench/testbed/train.py --out ladr_rt/assets/testbed --steps 4500 --log bench/testbed/loss.jsonl
-    # ~50 min on one core of a 2-core CPU (the shipped model's command; TRAINING.md has it as run)
+    python bench/testbed/train.py --out /tmp/testbed-stage1 --steps 7500 --threads 2 --log bench/testbed/loss_stage1.jsonl
+    python bench/testbed/train.py --init /tmp/testbed-stage1 --seed 1 --p-relation 0.8 --lr 1e-3 \
+        --out ladr_rt/assets/testbed --steps 4500 --threads 2 --log bench/testbed/loss_stage2.jsonl
+    # the shipped model's two stages: 45 + 28 min on a 2-core CPU (ladr_rt/assets/testbed/TRAINING.md)
 
 Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
 mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
@@ -88,7 +90,8 @@ def main(argv=None) -> None:
                     help="share of two-group scenes that name a spatial relation (the rest say 'and')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
-                    help="1 is fastest on 2 shared cores (OpenMP barriers stall under contention)")
+                    help="CPU threads: 2 on 2 otherwise idle cores (0.33 s/step against 0.68 for 1); "
+                         "1 when another job shares the cores (OpenMP barriers stall under contention)")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (a second stage; the optimizer starts fresh)")
     ap.add_argument("--log", default=None, help="also write the loss curve here (JSON lines)")
