@@ -193,3 +193,30 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path):
     text = results.read_text()
     assert text.startswith("# keep me") and text.endswith("tail\n") and "old table" not in text
     assert "| LADR T=64 |" in text and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _bench(script: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "testbed" / script), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_cfg_sweep_rows(tmp_path):
+    """bench/testbed/cfg_sweep.py on a slice: one row per (cfg, sampler), the scale it was asked for."""
+    out = tmp_path / "sweep.json"
+    text = _bench("cfg_sweep.py", "--cfgs", "0", "2", "--per-category", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cfg"], r["sampler"]) for r in rows] == [(0, "baseline"), (0, "ladr"), (2, "baseline"), (2, "ladr")]
+    assert all(r["images"] == 6 and 0 <= r["overall"] <= 1 for r in rows)
+    assert rows[0]["evaluations_mean"] == 64 and "| 2 | ladr T=64 |" in text
+
+
+def test_relation_check_and_probe_run():
+    last = json.loads(_bench("relation_check.py", "--seeds", "1").strip().splitlines()[-1])
+    assert len(last["rows"]) == 4 and 0 <= last["relation_holds"] <= last["two_object_images"] <= 4
+    probe = _bench("relation_probe.py").splitlines()
+    assert len(probe) == 1 + 5 * 4 and all("columns [" in line for line in probe[1:])
