@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 SAMPLERS = (("baseline", 64), ("ladr", 64))
 
 

@@ -30,7 +30,7 @@ from ladr_rt.checkpoint import save_checkpoint
 from ladr_rt.config import ImageSpec, ModelConfig
 from ladr_rt.model import DimooModel
 from ladr_rt.testbed import layout, palette, tokenizer
-from ladr_rt.testbed.scenes import CODEBOOK, GRID, render, sample_scene, sample_train_spec
+from ladr_rt.testbed.scenes import CODEBOOK, GRID, P_RELATION, render, sample_scene, sample_train_spec
 from ladr_rt.tokens import SequenceLayout, build_rows
 
 PROMPT_BUDGET = 24  # the longest template + prompt is 21 tokens
@@ -56,7 +56,7 @@ def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None
 
 
 def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: float, gen: torch.Generator,
-          p_relation: float = 0.6):
+          p_relation: float = P_RELATION):
     specs = [sample_train_spec(rng, p_relation) for _ in range(B)]
     codes = torch.from_numpy(np.stack([render(sample_scene(s, rng)).ravel() for s in specs]))  # [B, N]
     ids, key_mask = build_rows(tok, [s.prompt for s in specs], seq)  # [2B, L] cond rows then uncond rows
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--p-uncond", type=float, default=0.1)
-    ap.add_argument("--p-relation", type=float, default=0.6,
+    ap.add_argument("--p-relation", type=float, default=P_RELATION,
                     help="share of two-group scenes that name a spatial relation (the rest say 'and')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,

@@ -292,7 +292,10 @@ def eval_items(per_category: int = 8) -> list[Spec]:
     return items
 
 
-def sample_train_spec(rng: np.random.Generator, p_relation: float = 0.6) -> Spec:
+P_RELATION = 0.6  # share of two-group training scenes that name a spatial relation (train.py --p-relation)
+
+
+def sample_train_spec(rng: np.random.Generator, p_relation: float = P_RELATION) -> Spec:
     """The training distribution: one or two groups, counts up to four objects in all,
     colours named or not, 'and' or (with probability ``p_relation``) a spatial relation.
     Held-out prompts are redrawn."""
