@@ -120,12 +120,18 @@ class LadrPipeline:
 
         Capture executes nothing, but the warm-up step before it does: the run-state and the
         generator are restored afterwards so the first replayed step is the run's first step.
+        The denoiser's own evaluation graph is switched off for the warm-up and the capture: the
+        step graph holds the evaluation's kernels, and a warm-up that captured the evaluation
+        too would cost a second capture and a second graph pool for nothing.
         A capture that fails falls back to plain steps with a warning (never silently)."""
         if self.denoiser.device.type != "cuda" or not getattr(self.denoiser, "graph_safe", False):
             return lambda: self.step(sampler)
         import warnings
 
         s = sampler.s
+        own_graph = getattr(self.denoiser, "cuda_graph", None)
+        if own_graph is not None:
+            self.denoiser.cuda_graph = False
         snapshot = {k: v.clone() for k, v in s.tensors().items()}
         ids, gen_state = self.ids.clone(), s.gen.get_state()
         try:
@@ -142,6 +148,9 @@ class LadrPipeline:
             warnings.warn(f"CUDA-graph capture of the step failed ({str(e).splitlines()[0][:120]}); running "
                           "steps without it", RuntimeWarning, stacklevel=2)
             graph = None
+        finally:
+            if own_graph is not None:
+                self.denoiser.cuda_graph = own_graph
         for k, v in snapshot.items():
             getattr(s, k).copy_(v)
         self.ids.copy_(ids)

@@ -481,6 +481,8 @@ def test_whole_step_graph_replay_equals_eager_steps(tiny_ckpt, temperature):
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture falls back with a warning: fail here
         b = graphed.generate_codes("a cat in a tree", scfg)[0]
     assert torch.equal(a, b)
+    # the step graph holds the evaluation; the denoiser never captured one of its own
+    assert graphed.denoiser.graph is None and graphed.denoiser.cuda_graph is True
 
 
 def test_plan_for_another_gpu_is_refused():

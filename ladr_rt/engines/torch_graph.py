@@ -24,10 +24,11 @@ class TorchGraphDenoiser(EagerDenoiser):
         self.graph: torch.cuda.CUDAGraph | None = None
         self._bound: tuple | None = None
         self.stream = torch.cuda.Stream(self.device)
+        self.cuda_graph = True  # False: plain eager calls (the pipeline sets it while it graphs the whole step)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
-        if torch.cuda.is_current_stream_capturing():
+        if not self.cuda_graph or torch.cuda.is_current_stream_capturing():
             super().__call__(input_ids, key_mask, out)
             return
         key = (input_ids.data_ptr(), key_mask.data_ptr(), out.data_ptr())
