@@ -129,11 +129,11 @@ class LadrPipeline:
         import warnings
 
         s = sampler.s
-        own_graph = getattr(self.denoiser, "cuda_graph", None)
-        if own_graph is not None:
-            self.denoiser.cuda_graph = False
         snapshot = {k: v.clone() for k, v in s.tensors().items()}
         ids, gen_state = self.ids.clone(), s.gen.get_state()
+        own_graph = getattr(self.denoiser, "cuda_graph", None)  # switched off here, restored in `finally`
+        if own_graph is not None:
+            self.denoiser.cuda_graph = False
         try:
             side = torch.cuda.Stream(self.denoiser.device)
             side.wait_stream(torch.cuda.current_stream())
