@@ -293,9 +293,11 @@ def eval_items(per_category: int = 8) -> list[Spec]:
 
 
 P_RELATION = 0.6  # share of two-group training scenes that name a spatial relation (train.py --p-relation)
+P_COLOUR_PAIR = 0.6  # share of groups in two-group training scenes whose colour is named (--p-colour-pair)
 
 
-def sample_train_spec(rng: np.random.Generator, p_relation: float = P_RELATION) -> Spec:
+def sample_train_spec(rng: np.random.Generator, p_relation: float = P_RELATION,
+                      p_colour_pair: float = P_COLOUR_PAIR) -> Spec:
     """The training distribution: one or two groups, counts up to four objects in all,
     colours named or not, 'and' or (with probability ``p_relation``) a spatial relation.
     Held-out prompts are redrawn."""
@@ -310,8 +312,8 @@ def sample_train_spec(rng: np.random.Generator, p_relation: float = P_RELATION) 
             a, b = rng.choice(3, size=2, replace=False)
             n1 = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
             n2 = 1 if rng.random() < 0.7 else int(rng.integers(2, MAX_OBJECTS - n1 + 1)) if n1 < 3 else 1
-            ga = Group(n1, SHAPES[a], COLOURS[rng.integers(6)] if rng.random() < 0.6 else None)
-            gb = Group(n2, SHAPES[b], COLOURS[rng.integers(6)] if rng.random() < 0.6 else None)
+            ga = Group(n1, SHAPES[a], COLOURS[rng.integers(6)] if rng.random() < p_colour_pair else None)
+            gb = Group(n2, SHAPES[b], COLOURS[rng.integers(6)] if rng.random() < p_colour_pair else None)
             rel = "and" if rng.random() < 1 - p_relation else POSITIONS[rng.integers(4)]
             spec = Spec((ga, gb), rel)
         if not held_out(spec.prompt):
