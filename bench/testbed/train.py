@@ -13,7 +13,8 @@ tokens only, logits over the codebook only, and 10% of prompts replaced by the
 unconditional template so classifier-free guidance has an unconditional model to use.
 Rows are built by ``ladr_rt.tokens.build_rows`` (the function inference uses), so the
 train and inference layouts cannot drift apart. Seeded: the same command gives the same
-loss curve (CPU kernels, eager or compiled, are deterministic for a fixed thread count).
+loss curve: exactly in eager fp32 on a fixed thread count, within noise with --bf16 --compile on
+2 threads (TRAINING.md).
 """
 from __future__ import annotations
 
@@ -195,8 +196,9 @@ def training_md(info: dict) -> str:
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
         f"{info['final_loss_last100']}\n"
         f"- wall time: {info['seconds']} s on {info['threads']} CPU thread(s), torch {info['torch']}\n"
-        f"- seed {info['seed']}: the same command on the same thread count gives the same loss curve (CPU "
-        "kernels are deterministic for a fixed thread count; `tests/test_testbed.py::test_training_is_seeded`)\n"
+        f"- seed {info['seed']}: the same command on the same thread count gives the same loss curve (exactly "
+        "in eager fp32; within noise with --bf16 --compile on more than one thread; "
+        "`tests/test_testbed.py::test_training_is_seeded`)\n"
     )
 
 
