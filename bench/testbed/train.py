@@ -92,8 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--p-relation", type=float, default=P_RELATION,
                     help="share of two-group scenes that name a spatial relation (the rest say 'and')")
     ap.add_argument("--p-colour-pair", type=float, default=P_COLOUR_PAIR,
-                    help="share of groups in two-group scenes whose colour is named (both are named with its "
-                         "square): more named pairs, more examples that bind each colour word to its shape")
+                    help="chance that each group of a two-group scene names its colour (both named: its "
+                         "square); more named pairs give more examples binding each colour word to its shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 on 2 otherwise idle cores (0.33 s/step against 0.68 for 1); "
