@@ -80,15 +80,17 @@ def test_training_rows_are_inference_rows():
     assert torch.equal(ids[:, img][~masked], (codes + lay.image_offset)[~masked])
 
 
+def train_tiny(tmp_path, run: str, *extra: str) -> list[tuple[int, float]]:
+    """Three steps of a tiny model on one thread into tmp_path/run; the logged (step, loss) pairs."""
+    load_train_module().main(["--steps", "3", "--batch", "2", "--d-model", "32", "--layers", "1", "--heads", "2",
+                              "--mlp", "64", "--threads", "1", "--save-every", "0", *extra,
+                              "--out", str(tmp_path / run), "--log", str(tmp_path / f"{run}.jsonl")])
+    rows = map(json.loads, (tmp_path / f"{run}.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in rows]
+
+
 def test_training_is_seeded(tmp_path):
-    train = load_train_module()
-    args = ["--steps", "3", "--batch", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64",
-            "--threads", "1", "--save-every", "0"]
-    logs = []
-    for run in ("a", "b"):
-        train.main(args + ["--out", str(tmp_path / run), "--log", str(tmp_path / f"{run}.jsonl")])
-        rows = map(json.loads, (tmp_path / f"{run}.jsonl").read_text().splitlines())
-        logs.append([(r["step"], r["loss"]) for r in rows])
+    logs = [train_tiny(tmp_path, run) for run in ("a", "b")]
     assert len(logs[0]) == 2 and logs[0] == logs[1]  # steps 0 and 2; wall-clock fields differ
     model = load_model(tmp_path / "a")  # the script writes a loadable checkpoint
     assert model.cfg.d_model == 32
@@ -103,13 +105,9 @@ def test_bf16_compiled_training_is_seeded_and_tracks_fp32(tmp_path):
     # The shipped model was trained with --bf16 --compile (0.23 against 0.34 s/step); the flags
     # must change only the arithmetic: same batches, same init, losses within bf16 rounding. On one
     # thread the compiled bf16 run repeats exactly (on 2 threads only within noise: TRAINING.md).
-    train = load_train_module()
-    args = ["--steps", "3", "--batch", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64",
-            "--threads", "1", "--save-every", "0"]
-    logs = {}
-    for run, extra in (("fp32", []), ("fast_a", ["--bf16", "--compile"]), ("fast_b", ["--bf16", "--compile"])):
-        train.main(args + extra + ["--out", str(tmp_path / run), "--log", str(tmp_path / f"{run}.jsonl")])
-        logs[run] = [json.loads(r)["loss"] for r in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
+    logs = {"fp32": train_tiny(tmp_path, "fp32")}
+    for run in ("fast_a", "fast_b"):
+        logs[run] = train_tiny(tmp_path, run, "--bf16", "--compile")
     assert logs["fast_a"] == logs["fast_b"]
     assert logs["fast_a"] != logs["fp32"]  # bf16 really ran
     assert np.allclose(logs["fast_a"], logs["fp32"], rtol=0.02), logs
@@ -165,7 +163,7 @@ def test_shipped_model_draws_held_out_prompts(pipe):
     """The 64-step baseline (the quality reference of issue 4) on 24 held-out prompts, 4 per
     category, at the model's cfg: every category passes at least once, and the overall score is
     far above a prompt-blind model (4.2%, the chance row of bench/RESULTS.md). The sampler study
-    measures the same thing on 144 images per sampler (72.2% for this model)."""
+    measures the same thing on 144 images per sampler (73.6% for this model)."""
     from ladr_rt.testbed.evaluate import evaluate
 
     ev = evaluate(pipe, testbed.eval_items(4), name="baseline", steps=64)
