@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,12 +34,38 @@ def _dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def _read_json(f: Path, what: str) -> Any:
+    """A JSON file of the checkpoint, or one line naming the file and what is wrong with it."""
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {what}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{f} is not UTF-8 text; {what}") from None
+    except OSError as e:
+        raise CheckpointError(f"{f} cannot be read ({e.strerror or e}); {what}") from None
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     p = _dir(path)
+    f = p / "config.json"
+    d = _read_json(f, "restore it from the checkpoint's source")
     try:
-        return ModelConfig.from_json_dict(json.loads((p / "config.json").read_text()))
-    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{p}/config.json is not a usable LLaDA/DiMOO config ({type(e).__name__}: {e})") from None
+        return ModelConfig.from_json_dict(d)
+    except ValueError as e:  # ConfigError names the field
+        raise CheckpointError(f"{f}: {e}") from None
+
+
+def _inside(p: Path, name: Any, index: Path) -> Path:
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {name!r}")
+    # Lexical, not resolved: a Hugging Face cache snapshot's shards are symlinks into ../../blobs,
+    # which is fine; a name that climbs out of the directory or is absolute is not.
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{index} points at {name!r}, outside the model directory; a checkpoint's shards "
+                              "live inside it: re-download the checkpoint")
+    return p / rel
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -46,12 +73,22 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     p = _dir(path)
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (p / n).is_file()]
+        d = _read_json(index, "re-download the checkpoint")
+        wm = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{index} has no 'weight_map' object (tensor name -> shard file); re-download the "
+                                  "checkpoint")
+        files = [_inside(p, n, index) for n in wm.values()]  # type and place of every entry first
+        files = sorted(set(files))
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{p}: shard(s) {', '.join(missing)} named in model.safetensors.index.json "
                                   "are missing; re-download the checkpoint")
-        return [p / n for n in names]
+        bad = [f.name for f in files if f.suffix != ".safetensors"]
+        if bad:
+            raise CheckpointError(f"{index} names non-safetensors shard(s) {', '.join(bad[:3])}; ladr-rt loads "
+                                  "safetensors only — convert them with safetensors.torch.save_file")
+        return files
     files = sorted(p.glob("*.safetensors"))
     if files:
         return files
@@ -62,31 +99,154 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{p} has no *.safetensors weights")
 
 
-def checkpoint_digest(path: str | os.PathLike, samples: int = 16) -> str:
-    """Identity of the weights without reading 16 GB: per shard its name, size, header and
-    ``samples`` 64 KiB blocks spread evenly over the tensor data (the last one included), so
-    retrained weights saved over the same shapes change it; mtimes are left out on purpose
-    (copying a checkpoint must not invalidate its engines)."""
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """Identity of the weights: sha256 over every shard's name and the sha256 of its whole
+    content, so changing any byte of any tensor changes it. Names and contents only, no
+    paths or mtimes: a copy of a checkpoint keeps the identity (and its engines).
+
+    Hashing runs at ~0.9 GB/s (16 GB: ~19 s), so each shard's sum is cached per user
+    (``file_sha256s``) and recomputed only when the shard's size, mtime, ctime or inode change."""
     import hashlib
 
-    block = 1 << 16
+    files = weight_files(path)
+    sums = file_sha256s(files)
     h = hashlib.sha256()
-    for f in weight_files(path):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:  # the safetensors header names every tensor, its dtype and offsets
-            for i in range(samples + 1):
-                fh.seek(max(0, (size - block) * i // samples))
-                h.update(fh.read(block))
-    return h.hexdigest()[:16]
+    for f in files:
+        h.update(f"{f.name}\0{sums[f]}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# A file's sha256 is reused while its stat key is unchanged. ctime is part of the key because
+# nothing short of root or a clock change can set it back: a same-size overwrite that restores
+# the mtime (touch -d, rsync -t, os.utime) still moves the ctime, so it is re-hashed.
+_CACHE_FORMAT = 1
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def digest_cache_file(directory: Path) -> Path | None:
+    """Where the sums of the files in ``directory`` (resolved) are cached:
+    ``$XDG_CACHE_HOME/ladr-rt/sha256/<hash of the directory>.json`` (default ``~/.cache``).
+
+    Per user, never beside the files: a model directory may be read-only (the package's own
+    assets, a shared Hugging Face cache), shared between users, or packaged (``assets/**``
+    is package data, and a cache file there would ship in a wheel)."""
+    import hashlib
+
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    except RuntimeError:  # no home directory: hash without a cache
+        return None
+    key = hashlib.sha256(str(directory).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return root / "ladr-rt" / "sha256" / f"{key}.json"
+
+
+def _read_digest_cache(cache: Path | None, directory: Path) -> dict[str, Any]:
+    """The cached entries, or {} for a missing, unreadable or damaged cache (never an error:
+    it is rewritten on the next store)."""
+    if cache is None:
+        return {}
+    try:
+        d = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return {}
+    if not (isinstance(d, dict) and d.get("format") == _CACHE_FORMAT and d.get("dir") == str(directory)
+            and isinstance(d.get("files"), dict)):
+        return {}
+    return {n: e for n, e in d["files"].items()
+            if isinstance(e, dict) and isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64
+            and isinstance(e.get("stat"), list) and all(type(x) is int for x in e["stat"])}
+
+
+def _write_digest_cache(cache: Path | None, directory: Path, entries: dict[str, Any]) -> None:
+    """Atomic rewrite; failure (read-only home, full disk) only costs a re-hash next time."""
+    from .fileio import atomic_write_text
+
+    if cache is None:
+        return
+    live = {n: e for n, e in entries.items() if (directory / n).exists()}  # forget deleted files
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({"format": _CACHE_FORMAT, "dir": str(directory), "files": live},
+                                            indent=0, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+def file_sha256s(files: list[Path]) -> dict[Path, str]:
+    """sha256 (hex) of each file's whole content, read from the per-user cache
+    (``digest_cache_file``) when the file's size, mtime, ctime and inode are the cached ones.
+    Symlinks are followed (the cache is keyed by the real file). Raises OSError for a file
+    that cannot be read."""
+    import hashlib
+    import time
+
+    out: dict[Path, str] = {}
+    by_dir: dict[Path, list[tuple[Path, Path]]] = {}
+    for f in files:
+        real = Path(os.path.realpath(f))
+        by_dir.setdefault(real.parent, []).append((f, real))
+    for directory, group in by_dir.items():
+        cache = digest_cache_file(directory)
+        entries = _read_digest_cache(cache, directory)
+        changed = False
+        for f, real in group:
+            key = _stat_key(real.stat())
+            e = entries.get(real.name)
+            if e is not None and e["stat"] == key:
+                out[f] = e["sha256"]
+                continue
+            with real.open("rb") as fh:
+                sha = hashlib.file_digest(fh, "sha256").hexdigest()
+            out[f] = sha
+            # Cached only if the file did not change while it was read, and was last written over
+            # 2 s ago: on a file system with coarse timestamps a write later in the same tick
+            # would leave the key as it is (git's "racy clean" problem).
+            if _stat_key(real.stat()) == key and time.time_ns() - key[1] > 2_000_000_000:
+                entries[real.name] = {"sha256": sha, "stat": key}
+                changed = True
+        if changed:
+            _write_digest_cache(cache, directory, entries)
+    return out
+
+
+def remember_sha256(f: Path, sha256: str, hashed: os.stat_result) -> None:
+    """Cache a sum computed elsewhere (the build hashes its files in the temp directory, then
+    renames them): stored only if ``f`` is still the file that was hashed (same inode, size and
+    mtime; a rename moves only the ctime), so the first run after a build does not re-read it."""
+    real = Path(os.path.realpath(f))
+    try:
+        st = real.stat()
+    except OSError:
+        return
+    if (st.st_ino, st.st_size, st.st_mtime_ns) != (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns):
+        return
+    cache = digest_cache_file(real.parent)
+    entries = _read_digest_cache(cache, real.parent)
+    entries[real.name] = {"sha256": sha256, "stat": _stat_key(st)}
+    _write_digest_cache(cache, real.parent, entries)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        sd.update(load_file(str(f)))
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise CheckpointError(f"{f} is not a readable safetensors file ({first}): truncated or damaged, as an "
+                                  "interrupted download leaves it; re-download it") from None
+        dup = sorted(set(part) & set(sd))
+        if dup:
+            raise CheckpointError(f"{f} repeats tensor(s) {', '.join(dup[:3])} of another shard; re-download the "
+                                  "checkpoint")
+        sd.update(part)
     return sd
 
 
@@ -104,6 +264,10 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Tenso
         problems.append(f"unexpected {', '.join(extra[:4])}{' …' if len(extra) > 4 else ''}")
     if problems:
         raise CheckpointError(f"{where}: weights do not match config.json: {'; '.join(problems)}")
+    not_float = [f"{k} ({v.dtype})" for k, v in got.items() if not v.dtype.is_floating_point]
+    if not_float:
+        raise CheckpointError(f"{where}: weight(s) {', '.join(not_float[:3])} are not floating point; a DiMOO "
+                              "checkpoint stores float weights (bf16/fp16/fp32): re-export or re-download it")
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -128,9 +292,14 @@ def load_tokenizer(path: str | os.PathLike):
     p = _dir(path)
     hf_logging.set_verbosity_error()  # config.json's model_type "llada" is unknown to transformers: harmless
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{p}: no usable tokenizer files ({str(e).splitlines()[0]})") from None
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers and the Rust tokenizers raise many unrelated types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{p}: no usable tokenizer files ({first}); restore tokenizer.json / "
+                              "tokenizer_config.json from the checkpoint's source") from None
+    if isinstance(tok, bool) or not callable(tok):
+        raise CheckpointError(f"{p}: the tokenizer files do not describe a tokenizer; restore them")
+    return tok
 
 
 # ---------------------------------------------------------------- writing

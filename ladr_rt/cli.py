@@ -1,15 +1,19 @@
 """ladr-rt command line: maps options onto the config dataclasses, nothing else."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from .config import SAMPLERS, ImageSpec, SamplerConfig
-from .fileio import atomic_write
+from .fileio import atomic_write_all
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -18,16 +22,63 @@ class UserError(click.ClickException):
     """One line on stderr, exit code 1."""
 
 
+# Image formats `--out` may name, by suffix (Pillow writes them from RGB).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
+
+
 def _writable(path: str, flag: str) -> Path:
+    """Checked before any work: a bad output path fails in one line, not after sampling."""
+    from .fileio import probe_writable
+
+    if not path or "\0" in path:
+        raise UserError(f"{flag} needs a file name")
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
+    real = Path(os.path.realpath(p))  # a symlink is written through to its target
+    if real.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name")
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: directory {parent} is not writable; choose another path")
-    return p
+    if real.exists() and not real.is_file():
+        raise UserError(f"{flag} {path} exists and is not a regular file (a device or pipe); give a file name")
+    if not real.parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {p.parent} does not exist; create it first")
+    try:
+        probe_writable(real)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create files in {p.parent} ({e.strerror or e}); choose another "
+                        "path") from None
+    return real
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+
+    Image.init()  # registers every save plugin (Image.SAVE is filled lazily)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        have = ", ".join(k for k, v in IMAGE_FORMATS.items() if v in Image.SAVE)
+        raise UserError(f"--out {path.name}: unknown image suffix {path.suffix or '(none)'!r}; use one of {have}")
+    return fmt
+
+
+class Terminated(UserError):
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so `finally` and the atomic
+    writes clean up temp files instead of the process dying mid-write."""
+    def handler(signum, frame):
+        raise Terminated("terminated by SIGTERM; no output was written")
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _device_dtype(device: str, dtype: str):
@@ -54,7 +105,34 @@ def _device_dtype(device: str, dtype: str):
     return device, DTYPES[dtype]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class OneLineErrors(click.Group):
+    """Every error is one stderr line: click's usage errors print a usage block and a blank line
+    before the message, which reads as three problems; here it is the message and where help is."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as e:  # bare `ladr-rt`: the help text is the answer
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f"`{e.ctx.command_path} --help`" if e.ctx is not None else "`ladr-rt --help`"
+            click.echo(f"Error: {e.format_message()} (see {where})", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted (interrupted); no output was written.", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="ladr-rt")
 def main() -> None:
     """Low-latency masked discrete-diffusion text-to-image (Lumina-DiMOO) with the LADR sampler."""
@@ -94,15 +172,37 @@ def main() -> None:
 def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
              dtype, out, save_tokens, trace_path, progress) -> None:
     """Prompt -> PNG with the eager model, or with an engine from `ladr-rt build`."""
-    from .checkpoint import CheckpointError
-    from .tokens import PromptTooLong
+    with sigterm_raises():
+        _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler,
+                  device, dtype, out, save_tokens, trace_path, progress)
+
+
+def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
+              dtype, out, save_tokens, trace_path, progress) -> None:
+    from .tokens import PromptError
 
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
-    out_p = _writable(out, "--out")
-    tok_p = _writable(save_tokens, "--save-tokens") if save_tokens else None
-    trace_p = _writable(trace_path, "--trace") if trace_path else None
     try:
         scfg.validate()
+        if not prompt.strip():
+            raise PromptError("--prompt is empty; describe the image to generate")
+        for flag, v in (("--height", height), ("--width", width), ("--prompt-budget", prompt_budget)):
+            if v is not None and v <= 0:  # only an absent option takes the default; 0 is an answer, and wrong
+                raise ValueError(f"{flag} must be positive, got {v}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    outputs = {"--out": out, "--save-tokens": save_tokens, "--trace": trace_path}
+    paths = {flag: _writable(p, flag) for flag, p in outputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for flag, p in paths.items():
+        if p in seen:
+            raise UserError(f"{seen[p]} and {flag} name the same file {outputs[flag]}; give each output its own path")
+        seen[p] = flag
+    fmt = _image_format(paths["--out"])
+    if engine is not None and dtype != "auto":
+        raise UserError("--dtype sets the eager model's precision; an engine's precision was fixed by `ladr-rt build "
+                        "--precision`, so leave --dtype out with --engine")
+    try:
         from .pipeline import LadrPipeline
 
         if engine is not None:
@@ -114,23 +214,32 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
             pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
         res = pipe(prompt, scfg, progress=progress)
         dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
-    except (CheckpointError, PromptTooLong, ValueError) as e:
+    except ValueError as e:  # CheckpointError, EngineError, PromptError, NonFiniteLogits, ...
         raise UserError(str(e)) from None
-    atomic_write(out_p, lambda t: res.images[0].save(t, format="PNG"))
-    if tok_p:
+    except OSError as e:
+        raise UserError(f"{e.filename or 'a model file'}: {e.strerror or e}; check the path and its permissions") from None
+    # Everything rendered in memory first, then written as one unit: all outputs or none.
+    files = []
+    buf = io.BytesIO()
+    save_kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    res.images[0].save(buf, format=fmt, **save_kw)
+    files.append((paths["--out"], buf.getvalue()))
+    if "--save-tokens" in paths:
         import numpy as np
 
-        def save_npy(t: str) -> None:
-            with open(t, "wb") as f:  # a file object: np.save would append .npy to a bare name
-                np.save(f, res.codes[0])
-
-        atomic_write(tok_p, save_npy)
-    if trace_p:
+        buf = io.BytesIO()
+        np.save(buf, res.codes[0])  # a file object: np.save would append .npy to a bare name
+        files.append((paths["--save-tokens"], buf.getvalue()))
+    if "--trace" in paths:
         trace = {"sampler": sampler, "steps": steps, "cfg": res.trace["cfg"], "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
                  "decode_seconds": res.decode_seconds, "masked": res.trace["masked"][0],
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}
-        atomic_write(trace_p, lambda t: Path(t).write_text(json.dumps(trace, indent=1) + "\n"))
+        files.append((paths["--trace"], (json.dumps(trace, indent=1) + "\n").encode()))
+    try:
+        atomic_write_all(files)
+    except OSError as e:
+        raise UserError(f"writing {e.filename or out} failed ({e.strerror or e}); nothing was written") from None
     click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
                f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})")
 
@@ -152,19 +261,31 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
 @click.option("--device", default=None, help="Device for export and validation  [default: cuda when available]")
 @click.option("--validate/--no-validate", default=None,
               help="Compare the engine with the eager model and fail past the tolerance  [default: validate]")
-def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate) -> None:
+@click.option("--keep-onnx/--no-keep-onnx", default=None,
+              help="Keep NAME.onnx(.data) beside a TensorRT plan (as large as the plan)  [default: keep for "
+                   "--backend onnx, where it is the engine; drop for tensorrt]")
+def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate,
+          keep_onnx) -> None:
     """Export the transformer at one fixed shape to ONNX (and TensorRT), validated, with a manifest."""
+    from .build import BuildInterrupted
     from .build import build as run_build
     from .build import resolve_options
 
     try:
         opts = resolve_options(profile, model=model, height=height, width=width, prompt_budget=prompt_budget,
-                               batch=batch, precision=precision, backend=backend, out=out, validate=validate)
+                               batch=batch, precision=precision, backend=backend, out=out, validate=validate,
+                               keep_onnx=keep_onnx)
         if device is not None:
             device = _device_dtype(device, "fp32")[0]
         manifest = run_build(opts, log=click.echo, device=device)
+    except BuildInterrupted as e:  # SIGTERM/SIGHUP: cleaned up; say so, exit 128 + signal
+        click.echo(f"Error: {e.message}", err=True)
+        raise
     except ValueError as e:  # CheckpointError, EngineError, BuildError, ValidationError, PromptTooLong
         raise UserError(str(e)) from None
+    except OSError as e:  # a full disk or an unwritable file mid-build
+        raise UserError(f"build failed writing {e.filename or out} ({e.strerror or e}); the engine was not "
+                        "installed: free space or fix permissions, then rebuild") from None
     click.echo(f"engine ready: ladr-rt generate --engine {manifest.with_suffix('')} --prompt ...")
 
 
@@ -175,11 +296,24 @@ def build(model, height, width, prompt_budget, batch, precision, backend, out, p
 @click.option("--d-model", type=int, default=32, help="Hidden size.")
 def init_tiny(out_dir, seed, layers, d_model) -> None:
     """Write a tiny random-weight DiMOO-format checkpoint (real vocab and special ids). Its images are noise."""
+    from .config import MAX_SEED, ModelConfig
     from .tiny import tiny_config, write_tiny_checkpoint
 
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"{out_dir} exists and is not a directory")
-    p = write_tiny_checkpoint(out_dir, tiny_config(d_model=d_model, n_layers=layers), seed=seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+    if not 1 <= layers <= 64:
+        raise UserError(f"--layers must be between 1 and 64 (a tiny checkpoint), got {layers}")
+    if not 8 <= d_model <= 1024 or d_model % 8:
+        raise UserError(f"--d-model must be a multiple of 8 between 8 and 1024 (4 heads of an even size), got {d_model}")
+    cfg = tiny_config(d_model=d_model, n_layers=layers)
+    try:
+        ModelConfig.from_json_dict(cfg.to_json_dict())  # the checks a load would make, before writing
+        with sigterm_raises():
+            p = write_tiny_checkpoint(out_dir, cfg, seed=seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"{out_dir}: {e.strerror or e}; choose a writable directory") from None
     click.echo(f"wrote tiny checkpoint to {p} (random weights: its images are noise)")
 
 

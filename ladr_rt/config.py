@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +51,97 @@ class TokenLayout:
     uncond_template: str = UNCOND_TEMPLATE
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "TokenLayout":
-        if not d:
+    def from_dict(cls, d: Any, where: str = "ladr_layout") -> "TokenLayout":
+        """Field by field: a typo'd key or a wrong type is refused, never silently defaulted."""
+        if d is None:
             return cls()
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where!r} must be an object of token ids, got {_show(d)}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{where!r} has unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(known)}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if known[k].type == "str":
+                if not isinstance(v, str):
+                    raise ConfigError(f"'{where}.{k}' must be a string, got {_show(v)}")
+                kw[k] = v
+            else:
+                kw[k] = _int(v, f"{where}.{k}", minimum=1 if k in ("codebook", "vq_scale") else 0)
+        lay = cls(**kw)
+        lay.check(where)
+        return lay
+
+    def check(self, where: str = "ladr_layout") -> None:
+        ids = {k: getattr(self, k) for k in SPECIAL_FIELDS}
+        seen: dict[int, str] = {}
+        for k, v in ids.items():
+            if v in seen:
+                raise ConfigError(f"'{where}.{k}' and '{where}.{seen[v]}' are both {v}; special ids must differ")
+            seen[v] = k
+            if self.image_offset <= v < self.image_offset + self.codebook:
+                raise ConfigError(f"'{where}.{k}' {v} lies inside the image codes [{self.image_offset}, "
+                                  f"{self.image_offset + self.codebook}); move it or image_offset")
+        for name, tmpl, fields in (("cond_template", self.cond_template, ("system", "prompt")),
+                                   ("uncond_template", self.uncond_template, ("system",))):
+            try:
+                tmpl.format(system="", prompt="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"'{where}.{name}' {tmpl!r} is not a template of {{system}}"
+                                  f"{' and {prompt}' if 'prompt' in fields else ''} ({type(e).__name__}: {e})") from None
+            missing = [f for f in fields if "{" + f + "}" not in tmpl]
+            if missing:
+                raise ConfigError(f"'{where}.{name}' {tmpl!r} lacks {', '.join('{' + f + '}' for f in missing)}")
+
+
+# Sanity bounds on config.json sizes: far above any real model (DiMOO: 4096, 32, 134548), low
+# enough that a typo'd 1e12 is refused instead of building a trillion-layer module list.
+MAX_DIM = 65536
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 24
+
+SPECIAL_FIELDS = ("mask", "newline", "boi", "eoi", "uncondition", "boa", "eoa")
+
+
+class ConfigError(ValueError):
+    """A config.json field that cannot be used; the message names the field (the caller adds the file)."""
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return (r[:40] + "…") if len(r) > 40 else r
+
+
+def _int(v: Any, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
+    # bool is an int in Python; `"n_heads": true` is a typo, not 1.
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{name!r} must be an integer, got {_show(v)}")
+    if minimum is not None and v < minimum:
+        raise ConfigError(f"{name!r} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(f"{name!r} must be <= {maximum}, got {v}")
+    return v
+
+
+def _float(v: Any, name: str, minimum: float | None = None, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{name!r} must be a number, got {_show(v)}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ConfigError(f"{name!r} must be a finite number, got {v}")
+    if positive and v <= 0:
+        raise ConfigError(f"{name!r} must be > 0, got {v}")
+    if minimum is not None and v < minimum:
+        raise ConfigError(f"{name!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name!r} must be true or false, got {_show(v)}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -79,33 +166,71 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_json_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        # LLaDA configs may give the MLP size as a ratio; n_kv_heads may be null (= MHA).
-        d_model = int(d["d_model"])
-        n_heads = int(d["n_heads"])
-        mlp = d.get("mlp_hidden_size") or int(d.get("mlp_ratio", 4) * d_model)
-        vocab = int(d.get("embedding_size") or d["vocab_size"])
+    def from_json_dict(cls, d: Any) -> "ModelConfig":
+        """Validated field by field; a ConfigError names the field (read_config adds the file)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"the top level must be an object, got {_show(d)}")
+        for k in ("d_model", "n_heads", "n_layers"):
+            if k not in d:
+                raise ConfigError(f"required field {k!r} is missing")
+        d_model = _int(d["d_model"], "d_model", maximum=MAX_DIM)
+        n_heads = _int(d["n_heads"], "n_heads", maximum=d_model)
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ConfigError(f"'d_model' {d_model} / 'n_heads' {n_heads} must be an even integer head size "
+                              "(RoPE rotates halves of each head)")
+        # LLaDA configs may give n_kv_heads as null (= MHA) and the MLP size as a ratio.
+        n_kv = n_heads if d.get("n_kv_heads") is None else _int(d["n_kv_heads"], "n_kv_heads")
+        if n_heads % n_kv:
+            raise ConfigError(f"'n_heads' {n_heads} is not a multiple of 'n_kv_heads' {n_kv} (GQA groups)")
+        if d.get("mlp_hidden_size") is not None:
+            mlp = _int(d["mlp_hidden_size"], "mlp_hidden_size", maximum=MAX_DIM * 16)
+        else:
+            mlp = int(_float(d.get("mlp_ratio", 4), "mlp_ratio", positive=True) * d_model)
+            if mlp < 1:
+                raise ConfigError(f"'mlp_ratio' {d.get('mlp_ratio')} gives an empty MLP")
+        vkey = "embedding_size" if d.get("embedding_size") is not None else "vocab_size"
+        if d.get(vkey) is None:
+            raise ConfigError("required field 'vocab_size' (or 'embedding_size') is missing")
+        vocab = _int(d[vkey], vkey, maximum=MAX_VOCAB)
         unsupported = [
             k for k in ("include_bias", "include_qkv_bias", "attention_layer_norm", "scale_logits",
                         "input_emb_norm")
             if d.get(k)
         ]
         if unsupported:
-            raise ValueError(f"config.json enables {', '.join(unsupported)}, which DiMOO does not use and "
-                             "ladr-rt does not implement")
+            raise ConfigError(f"config.json enables {', '.join(unsupported)}, which DiMOO does not use and "
+                              "ladr-rt does not implement")
+        layout = TokenLayout.from_dict(d.get("ladr_layout"))
+        over = [f"{k} {getattr(layout, k)}" for k in SPECIAL_FIELDS if getattr(layout, k) >= vocab]
+        if layout.image_offset + layout.codebook > vocab:
+            over.append(f"image codes up to {layout.image_offset + layout.codebook - 1}")
+        if over:
+            raise ConfigError(f"{vkey!r} {vocab} is too small for the token layout ({', '.join(over)}); "
+                              "the config's vocabulary and ladr_layout disagree")
+        size = d.get("ladr_default_size")
+        if size is None:
+            default_size = cls.default_size
+        else:
+            if not isinstance(size, list) or len(size) != 2:
+                raise ConfigError(f"'ladr_default_size' must be [height, width], got {_show(size)}")
+            default_size = tuple(_int(v, f"ladr_default_size[{i}]") for i, v in enumerate(size))
+            bad = [v for v in default_size if v % layout.vq_scale]
+            if bad:
+                raise ConfigError(f"'ladr_default_size' {list(default_size)} must be multiples of the VQ scale "
+                                  f"{layout.vq_scale}")
         return cls(
             d_model=d_model,
             n_heads=n_heads,
-            n_kv_heads=int(d.get("n_kv_heads") or n_heads),
-            n_layers=int(d["n_layers"]),
-            mlp_hidden_size=int(mlp),
+            n_kv_heads=n_kv,
+            n_layers=_int(d["n_layers"], "n_layers", maximum=MAX_LAYERS),
+            mlp_hidden_size=mlp,
             vocab_size=vocab,
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            weight_tying=bool(d.get("weight_tying", False)),
-            layout=TokenLayout.from_dict(d.get("ladr_layout")),
-            default_size=tuple(d.get("ladr_default_size") or cls.default_size),
-            default_cfg=float(d.get("ladr_default_cfg", cls.default_cfg)),
+            rope_theta=_float(d.get("rope_theta", 10000.0), "rope_theta", positive=True),
+            rms_norm_eps=_float(d.get("rms_norm_eps", 1e-5), "rms_norm_eps", positive=True),
+            weight_tying=_bool(d.get("weight_tying", False), "weight_tying"),
+            layout=layout,
+            default_size=default_size,
+            default_cfg=_float(d.get("ladr_default_cfg", cls.default_cfg), "ladr_default_cfg", minimum=0.0),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -176,11 +301,33 @@ class ImageSpec:
 
     def validate(self, vq_scale: int = VQ_SCALE) -> None:
         for name, v in (("height", self.height), ("width", self.width)):
+            _option_int(v, f"--{name}")
             if v <= 0 or v % vq_scale:
                 raise ValueError(f"--{name} {v} is not a positive multiple of {vq_scale} "
                                  f"(the VQ scale); try {max(vq_scale, round(v / vq_scale) * vq_scale)}")
-        if self.prompt_budget <= 0:
-            raise ValueError(f"--prompt-budget must be positive, got {self.prompt_budget}")
+            if v > MAX_SIDE:
+                raise ValueError(f"--{name} {v} is over ladr-rt's limit of {MAX_SIDE} pixels; use {MAX_SIDE} or less")
+        _option_int(self.prompt_budget, "--prompt-budget")
+        if not 0 < self.prompt_budget <= MAX_PROMPT_BUDGET:
+            raise ValueError(f"--prompt-budget must be between 1 and {MAX_PROMPT_BUDGET}, got {self.prompt_budget}")
+
+
+# Limits on what a request may ask for: past them a run would only exhaust memory (a 1e9-step
+# trace, a 1e9-token row) before failing, so they are refused up front.
+MAX_SIDE = 8192  # pixels: a 512x512 token grid
+MAX_PROMPT_BUDGET = 8192  # text tokens per row
+MAX_STEPS = 10_000
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+
+
+def _option_int(v: Any, flag: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{flag} must be an integer, got {_show(v)}")
+
+
+def _option_float(v: Any, flag: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{flag} must be a finite number, got {_show(v)}")
 
 
 SAMPLERS = ("baseline", "ladr", "ladr-delayed", "prophet", "threshold")
@@ -238,11 +385,18 @@ class SamplerConfig:
     def validate(self) -> None:
         if self.name not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.cfg is not None and self.cfg < 0:
-            raise ValueError(f"--cfg must be >= 0, got {self.cfg}")
+        _option_int(self.steps, "--steps")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"--steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.cfg is not None:
+            _option_float(self.cfg, "--cfg")  # NaN would silently switch guidance off, inf blank the image
+            if self.cfg < 0:
+                raise ValueError(f"--cfg must be >= 0, got {self.cfg}")
+        _option_float(self.temperature, "--temperature")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        _option_int(self.seed, "--seed")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be between 0 and 2**63 - 1 ({MAX_SEED}), got {self.seed}")
         if self.ladr.kernel < 1 or self.ladr.kernel % 2 == 0:
             raise ValueError(f"LadrParams.kernel must be odd and >= 1 (a centred neighbourhood), got {self.ladr.kernel}")

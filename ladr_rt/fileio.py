@@ -33,11 +33,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda t: Path(t).write_bytes(data))
+    atomic_write_all([(Path(path), data)])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda t: Path(t).write_text(text))
+    atomic_write_all([(Path(path), text.encode())])
 
 
 def temp_dir_beside(final: str | os.PathLike) -> Path:
@@ -59,3 +59,41 @@ def replace_dir(tmp: Path, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def probe_writable(path: str | os.PathLike) -> None:
+    """Raise OSError now if a file cannot be created beside ``path`` (read-only or pseudo file
+    systems, permissions — os.access says yes to root on a read-only mount), so a run fails
+    before its work, not after it."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.probe.", dir=p.parent)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def atomic_write_all(items: list[tuple[Path, bytes]]) -> None:
+    """Write several files as one unit: every temp file is filled first (where a full disk or
+    an I/O error shows), and only then are they renamed into place, so a failure leaves the
+    old files (or none) and no temp file behind. A symlink is written through, not replaced."""
+    staged: list[tuple[str, Path]] = []
+    path = None
+    try:
+        for path, data in items:
+            path = Path(os.path.realpath(path))
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the output, not the temp file
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise

@@ -51,8 +51,11 @@ class PaletteVQ:
         try:
             d = json.loads(f.read_text())
             return cls(d["palette"], d.get("scale", 16), device, d.get("codes"), d.get("sub", 4))
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{f}: not a PaletteVQ config ({type(e).__name__}: {e})") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{f}: {e}") from None
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{f}: not a PaletteVQ config ({type(e).__name__}: {str(e)[:120]}); restore "
+                                  "vqvae/config.json") from None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         p = Path(path)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,14 @@ from .tokens import SequenceLayout, build_rows, write_image_tokens
 from .vq import to_uint8
 
 
+class NonFiniteLogits(ValueError):
+    """The denoiser produced NaN/inf: broken weights or config, or a corrupt engine."""
+
+
+NONFINITE_HINT = ("the checkpoint's weights or config.json (rope_theta, rms_norm_eps) are broken, or the engine file is "
+                  "corrupt: re-download the checkpoint or rebuild the engine with `ladr-rt build`")
+
+
 @dataclass
 class GenerationResult:
     images: list  # PIL images, one per prompt
@@ -30,10 +40,93 @@ class GenerationResult:
     decode_seconds: float
 
 
+class CudaGraphs:
+    """The torch.cuda calls of a whole-step capture, behind one object (``LadrPipeline.graphs``)
+    so that CPU tests can stand a fake in for it and run the capture, cache and fallback logic."""
+
+    def usable(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def synchronize(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def capture(self, fn, device: torch.device, generator: torch.Generator | None = None):
+        """One warm-up call of ``fn``, then ``fn`` captured into a new ``torch.cuda.CUDAGraph``.
+
+        Warm-up and capture share one side stream: cuBLAS workspaces and allocator blocks are
+        per stream, so a warm-up elsewhere would leave their lazy creation inside the capture.
+        ``generator``: the one generator ``fn`` draws from, registered so that each replay reads
+        its current seed and offset and then advances it (None: ``fn`` draws nothing)."""
+        cur = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(cur)
+        graph = None
+        try:
+            with torch.cuda.stream(side):
+                fn()
+            graph = torch.cuda.CUDAGraph()
+            if generator is not None:
+                if not hasattr(graph, "register_generator_state"):
+                    raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
+                                       "replays could not draw fresh noise from the sampler's generator")
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, stream=side):
+                fn()
+        except BaseException:
+            # torch.cuda.graph leaves its stream current when capture_begin or capture_end raises,
+            # and a graph whose capture failed still holds its memory pool and generator entry.
+            if torch.cuda.current_stream(device) != cur:
+                torch.cuda.set_stream(cur)
+            if graph is not None:
+                with contextlib.suppress(Exception):
+                    graph.reset()
+            raise
+        finally:
+            cur.wait_stream(side)
+        return graph
+
+
+class StepGraphs:
+    """A pipeline's whole-step graphs, one per (sampler and its config less the seed, T, batch).
+
+    A graph reads and writes the run-state, the pipeline's buffers and the generator by address,
+    so the cache holds only graphs captured against the objects it is bound to: binding to
+    another run-state, generator or denoiser drops every entry. The seed is left out of the key
+    because a replay reads the generator's current seed (RunState.reset reseeds it in place)."""
+
+    max_entries = 4  # each graph keeps a private memory pool (a step's intermediates)
+
+    def __init__(self):
+        self.entries: dict[str, object] = {}  # key -> CUDAGraph, or None: its capture failed, run plain steps
+        self.bound: tuple = ()
+
+    @staticmethod
+    def key(sampler) -> str:
+        s = sampler.s
+        return repr((type(sampler).__name__, dataclasses.replace(sampler.cfg, seed=0), s.T, s.B))
+
+    def bind(self, *objs) -> None:
+        if len(objs) != len(self.bound) or any(a is not b for a, b in zip(objs, self.bound)):
+            self.entries.clear()
+            self.bound = objs
+
+    def put(self, key: str, graph) -> None:
+        while len(self.entries) >= self.max_entries:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = graph
+
+
+CUDA_GRAPHS = CudaGraphs()
+
+
 class LadrPipeline:
+    graphs: CudaGraphs = CUDA_GRAPHS  # the torch.cuda seam of step_runner
+
     def __init__(self, denoiser: Denoiser, tokenizer, vq, layout: TokenLayout, spec: ImageSpec, batch: int = 1,
-                 default_cfg: float = ModelConfig.default_cfg):
+                 default_cfg: float = ModelConfig.default_cfg, vocab_size: int | None = None):
         spec.validate(layout.vq_scale)
+        self.vocab_size = vocab_size  # the model's; prompt ids past it are refused before an evaluation
         self.default_cfg = default_cfg  # the model's guidance scale for SamplerConfig(cfg=None)
         self.denoiser, self.tokenizer, self.vq, self.layout = denoiser, tokenizer, vq, layout
         self.seq = SequenceLayout(spec, layout)
@@ -46,6 +139,11 @@ class LadrPipeline:
         self.logits = torch.empty(2 * B, N, layout.codebook, dtype=denoiser.logits_dtype, device=dev)  # [2B, N, K]
         self.tok_scratch = torch.empty(B, N, dtype=denoiser.ids_dtype, device=dev)  # [B, N]
         self.state: RunState | None = None
+        # One call at a time: the buffers above and the run-state are shared by every call, so
+        # two threads stepping at once would interleave and corrupt each other's images.
+        self._lock = threading.Lock()
+        self._graphs = StepGraphs()  # whole-step CUDA graphs, reused across calls (step_runner)
+        self.capture_seconds = 0.0  # what the last step_runner call spent capturing
 
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
@@ -66,14 +164,18 @@ class LadrPipeline:
                 raise CheckpointError(f"the shipped model {model_dir} is missing from this install; pass a model "
                                       "directory (--model DIR)")
         cfg = read_config(model_dir)
-        spec = ImageSpec(height or cfg.default_size[0], width or cfg.default_size[1],
-                         prompt_budget or ImageSpec.prompt_budget)
-        spec.validate(cfg.layout.vq_scale)  # before the (possibly 16 GB) load
+        # Only an absent value takes the default: 0 is a (bad) value and is refused below.
+        spec = ImageSpec(cfg.default_size[0] if height is None else height,
+                         cfg.default_size[1] if width is None else width,
+                         ImageSpec.prompt_budget if prompt_budget is None else prompt_budget)
+        spec.validate(cfg.layout.vq_scale)
+        # Everything cheap and checkable before the (possibly 16 GB) weights load.
+        tokenizer = load_tokenizer(model_dir)
+        vq = load_vq(model_dir, device, cfg.layout)
         model = load_model(model_dir, dtype=dtype, device=device)
-        layout = model.cfg.layout
-        seq = SequenceLayout(spec, layout)
-        return cls(EagerDenoiser(model, seq.image_positions), load_tokenizer(model_dir), load_vq(model_dir, device),
-                   layout, spec, batch, cfg.default_cfg)
+        seq = SequenceLayout(spec, cfg.layout)
+        return cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
+                   cfg.vocab_size)
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
@@ -90,6 +192,10 @@ class LadrPipeline:
         from .engines import check_manifest, load_denoiser, read_manifest
         from .vq import load_vq
 
+        for flag, v in (("--height", height), ("--width", width), ("--prompt-budget", prompt_budget),
+                        ("--batch", batch)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{flag} must be a positive integer, got {v!r}")
         m = read_manifest(engine)
         model_dir = model_dir or m["model"]["dir"]
         cfg = read_config(model_dir)
@@ -97,9 +203,10 @@ class LadrPipeline:
                        width=width, prompt_budget=prompt_budget, batch=batch)
         a = m["build_args"]
         spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
+        tokenizer = load_tokenizer(model_dir)
         denoiser = load_denoiser(m, device)
-        return cls(denoiser, load_tokenizer(model_dir), load_vq(model_dir, denoiser.device), cfg.layout, spec,
-                   a["batch"], cfg.default_cfg)
+        return cls(denoiser, tokenizer, load_vq(model_dir, denoiser.device, cfg.layout), cfg.layout, spec,
+                   a["batch"], cfg.default_cfg, cfg.vocab_size)
 
     def _state(self, T: int) -> RunState:
         h, w = self.seq.grid
@@ -118,50 +225,72 @@ class LadrPipeline:
         """``self.step(sampler)``, replayed from one CUDA graph when the denoiser says its call
         can be captured (``graph_safe``: static buffers, no host sync) and runs on CUDA.
 
-        Capture executes nothing, but the warm-up step before it does: the run-state and the
-        generator are restored afterwards so the first replayed step is the run's first step.
-        The denoiser's own evaluation graph is switched off for the warm-up and the capture: the
-        step graph holds the evaluation's kernels, and a warm-up that captured the evaluation
-        too would cost a second capture and a second graph pool for nothing.
-        A capture that fails falls back to plain steps with a warning (never silently)."""
-        if self.denoiser.device.type != "cuda" or not getattr(self.denoiser, "graph_safe", False):
+        Graphs are cached on the pipeline (``StepGraphs``): a later call with the same sampler
+        config, T and batch replays the graph it already has. The caller resets the run-state in
+        place and reseeds its generator before the first replay; CUDAGraph.replay reads the
+        registered generator's seed and offset at every replay (``replay_prologue``), so another
+        seed needs no new capture. ``self.capture_seconds`` is what this call spent capturing
+        (0.0 on a cache hit or without a graph).
+
+        A capture runs one real warm-up step; the run-state, ids and generator are restored after
+        it, so the first replayed step is the run's first step. The denoiser's own evaluation
+        graph is switched off meanwhile: the step graph holds the evaluation's kernels, and a
+        warm-up that captured the evaluation too would cost a second capture and pool for nothing.
+        A capture that fails, whatever it raises, falls back to plain steps with a warning (never
+        silently), once per cache key."""
+        self.capture_seconds = 0.0
+        den, s = self.denoiser, sampler.s
+        if not (getattr(den, "graph_safe", False) and self.graphs.usable(den.device)):
             return lambda: self.step(sampler)
+        self._graphs.bind(s, s.gen, den)
+        key = StepGraphs.key(sampler)
+        if key not in self._graphs.entries:
+            t0 = time.perf_counter()
+            graph = self._capture_step(sampler)
+            self.capture_seconds = time.perf_counter() - t0
+            self._graphs.bind(s, s.gen, den)  # a failed capture replaced the generator: older graphs are stale
+            self._graphs.put(key, graph)
+        graph = self._graphs.entries[key]
+        return graph.replay if graph is not None else (lambda: self.step(sampler))
+
+    def _capture_step(self, sampler):
+        """The step's graph, or None (warned) when capture fails; state restored either way."""
         import warnings
 
-        s = sampler.s
+        s, dev = sampler.s, self.denoiser.device
         snapshot = {k: v.clone() for k, v in s.tensors().items()}
         ids, gen_state = self.ids.clone(), s.gen.get_state()
         own_graph = getattr(self.denoiser, "cuda_graph", None)  # switched off here, restored in `finally`
         if own_graph is not None:
             self.denoiser.cuda_graph = False
+        graph = None
         try:
-            side = torch.cuda.Stream(self.denoiser.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, allocator
-                self.step(sampler)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(s.gen)  # replays advance the sampler's own generator
-            with torch.cuda.graph(graph):
-                self.step(sampler)
-        except RuntimeError as e:
-            warnings.warn(f"CUDA-graph capture of the step failed ({str(e).splitlines()[0][:120]}); running "
-                          "steps without it", RuntimeWarning, stacklevel=2)
-            graph = None
+            # The generator is registered whether or not this config draws from it (a graph that
+            # draws nothing advances it by 0): no sampler can then replay frozen noise.
+            graph = self.graphs.capture(lambda: self.step(sampler), dev, s.gen)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            warnings.warn(f"CUDA-graph capture of the step failed ({type(e).__name__}: {first}); running steps "
+                          "without it", RuntimeWarning, stacklevel=3)
+            # The generator took part in a capture that did not finish, and some torch versions
+            # leave it flagged as capturing (every later draw would raise): continue on a fresh
+            # generator holding the saved state.
+            s.gen = torch.Generator(device=s.gen.device)
         finally:
             if own_graph is not None:
                 self.denoiser.cuda_graph = own_graph
-        for k, v in snapshot.items():
-            getattr(s, k).copy_(v)
-        self.ids.copy_(ids)
-        s.gen.set_state(gen_state)
-        return graph.replay if graph is not None else (lambda: self.step(sampler))
+            for k, v in snapshot.items():
+                getattr(s, k).copy_(v)
+            self.ids.copy_(ids)
+            s.gen.set_state(gen_state)
+            self.graphs.synchronize(dev)
+        return graph
 
     def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
         dev = self.denoiser.device
         # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
         # denoiser's device, also for cuda:N with N > 0.
-        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        with self._lock, (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
             return self._generate_codes(prompts, cfg, progress)
 
     def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
@@ -169,12 +298,16 @@ class LadrPipeline:
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
         ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)
+        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:  # once per call, not per step
+            raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
+                             "(config.json): the tokenizer files belong to another model")
         self.ids.copy_(ids)
         self.key_mask.copy_(key_mask)
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
         sampler = make_sampler(cfg, state, self.default_cfg)
         step = self.step_runner(sampler)
+        capture_seconds = self.capture_seconds  # before the timer: a first call's warm-up step and capture
         bar = None
         if progress:
             from tqdm import tqdm
@@ -185,7 +318,7 @@ class LadrPipeline:
         sync()
         t0 = time.perf_counter()
         evals = 0
-        while evals < cfg.steps and state.any_masked():  # the one host read per step
+        while evals < cfg.steps and state.keep_going():  # the one host read per step
             step()
             evals += 1
             if bar is not None:
@@ -194,16 +327,21 @@ class LadrPipeline:
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        if state.saw_nonfinite():
+            raise NonFiniteLogits(
+                f"the {self.denoiser.name} denoiser returned NaN/inf logits within the first {evals} evaluation(s), "
+                f"so no image was written; {NONFINITE_HINT}")
         h, w = self.seq.grid
         trace = state.read_trace(evals)
         trace["cfg"] = sampler.cfg.cfg  # the guidance scale used (the model's when SamplerConfig.cfg is None)
+        trace["capture_seconds"] = capture_seconds  # 0.0 when the step graph was cached or not used
         return state.z.view(self.batch, h, w).clone(), trace, evals, seconds
 
     def __call__(self, prompts: str | list[str], cfg: SamplerConfig = SamplerConfig(),
                  progress: bool = False) -> GenerationResult:
         from PIL import Image
 
-        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress)
+        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress)  # holds the lock
         t0 = time.perf_counter()
         rgb = to_uint8(self.vq.decode(codes))
         decode_seconds = time.perf_counter() - t0

@@ -42,6 +42,8 @@ class RunState:
         self.arange = torch.arange(N, **kw).expand(B, N).contiguous()  # [B, N] 0..N-1
         self.M_prev = torch.empty(B, N, dtype=torch.bool, **kw)  # [B, N] mask before the step
         self.step = torch.zeros((), dtype=torch.long, **kw)  # [] steps taken
+        self.l_sum = torch.zeros((), **kw)  # [] sum of the guided logits: NaN/inf anywhere makes it non-finite
+        self.nonfinite = torch.zeros((), dtype=torch.bool, **kw)  # [] set once any step saw NaN/inf logits
         self.n0 = torch.empty(B, dtype=torch.long, **kw)  # [B] masks at the start
         # Trace, written at row `step` on the device and read once after the run.
         self.trace_masked = torch.zeros(T + 1, B, dtype=torch.long, **kw)  # [T+1, B] sum(M) after each step
@@ -54,6 +56,7 @@ class RunState:
         self.z.fill_(self.mask_id)
         self.M.fill_(True)
         self.step.zero_()
+        self.nonfinite.fill_(False)
         self.n0.fill_(self.N)
         self.trace_masked.zero_()
         self.trace_masked[0].fill_(self.N)
@@ -65,7 +68,15 @@ class RunState:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
     def any_masked(self) -> bool:
-        return bool(self.M.any())  # the one host read per step
+        return bool(self.M.any())
+
+    def keep_going(self) -> bool:
+        """The one host read per step: something is still masked and no logits were NaN/inf
+        (a broken model stops at once instead of running T evaluations into a blank image)."""
+        return bool(self.M.any() & ~self.nonfinite)
+
+    def saw_nonfinite(self) -> bool:
+        return bool(self.nonfinite)
 
     def read_trace(self, n_steps: int) -> dict:
         return {
@@ -96,6 +107,10 @@ class Sampler:
         if cfg.cfg > 0:
             s.u.copy_(logits[B:]).mul_(cfg.cfg)
             s.l.mul_(1 + cfg.cfg).sub_(s.u)
+        # One fp32 reduction on the device flags NaN/inf (inf - inf and NaN propagate into the sum);
+        # the loop reads the flag with its stop test, so there is no extra host sync.
+        torch.sum(s.l, dim=None, out=s.l_sum)
+        s.nonfinite.logical_or_(~torch.isfinite(s.l_sum))
         torch.softmax(s.l, dim=-1, out=s.P)
         if cfg.temperature > 0:  # Gumbel-max: argmax(l + temp * g) == argmax(l / temp + g)
             s.u.uniform_(generator=s.gen)

@@ -93,10 +93,38 @@ def tiny_vq(codebook: int = 8192, channels: int = 8, seed: int = 0):
 def write_tiny_checkpoint(out: str | os.PathLike, cfg: ModelConfig | None = None, seed: int = 0,
                           max_shard_bytes: int = 16 << 20, dtype=torch.float32) -> Path:
     """Write a complete DiMOO-format checkpoint directory (sharded, with index, tokenizer, vqvae/)."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import CheckpointError, save_checkpoint
 
     cfg = cfg or tiny_config()
+    out = Path(out)
+    # The directory is replaced as a whole, so only an empty one or one this function wrote may
+    # be overwritten: anything else holds somebody's files.
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise CheckpointError(f"{out} exists and is not a directory; choose a new directory name")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise CheckpointError(f"{out} is not empty and is not a tiny checkpoint written by ladr-rt; nothing was "
+                                  "changed: choose a new or empty directory")
+        foreign = sorted(str(f.relative_to(out)) for f in out.rglob("*") if not _ours(f.relative_to(out)))
+        if foreign:
+            raise CheckpointError(f"{out} holds files init-tiny did not write ({', '.join(foreign[:3])}); nothing "
+                                  "was changed: move them out or choose another directory")
     lay = cfg.layout
     tok = word_tokenizer(uncondition_id=lay.uncondition)
     return save_checkpoint(out, cfg, random_state_dict(cfg, seed, dtype), tok, tiny_vq(lay.codebook, seed=seed),
-                           max_shard_bytes=max_shard_bytes)
+                           max_shard_bytes=max_shard_bytes,
+                           extra_files={MARKER: "written by `ladr-rt init-tiny`; random weights, its images are noise\n"})
+
+
+MARKER = "LADR_TINY_CHECKPOINT"  # init-tiny may overwrite a directory only if it holds this file
+
+
+def _ours(rel: Path) -> bool:
+    """What write_tiny_checkpoint writes (tokenizer files vary a little with transformers)."""
+    top = rel.parts[0]
+    if top == "vqvae":
+        return len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.name in ("config.json",
+                                                                           "diffusion_pytorch_model.safetensors"))
+    return len(rel.parts) == 1 and (top in (MARKER, "config.json", "model.safetensors.index.json")
+                                    or (top.startswith("model-") and top.endswith(".safetensors"))
+                                    or top.startswith(("tokenizer", "special_tokens_map")))

@@ -17,7 +17,7 @@ from functools import cached_property
 
 import torch
 
-from .config import ImageSpec, TokenLayout
+from .config import SPECIAL_FIELDS, ImageSpec, TokenLayout
 
 
 class PromptTooLong(ValueError):
@@ -62,15 +62,81 @@ class SequenceLayout:
         return [lay.boa, lay.boi] + ([lay.mask] * w + [lay.newline]) * h + [lay.eoi, lay.eoa]
 
 
+class PromptError(ValueError):
+    """A prompt that cannot be used as it is; the message names the fix."""
+
+
+def _ids(tokenizer, text: str, specials: bool, split: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=specials, split_special_tokens=split)["input_ids"])
+
+
+def _reserved(tokenizer, layout: TokenLayout) -> set[int]:
+    """Ids user text must never produce: the layout's special ids and image codes, and the
+    tokenizer's special tokens (template tags, BOS/EOS) except <unk>, the normal outcome of an
+    unknown word. The tokenizer is given its chance first (split_special_tokens) — this is the
+    check that what it returned holds."""
+    ids = {getattr(layout, k) for k in SPECIAL_FIELDS}
+    ids |= set(range(layout.image_offset, layout.image_offset + layout.codebook))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids |= {i for i in tokenizer.all_special_ids if i != unk}
+    return ids
+
+
 def text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
-    """Token ids of the conditional template (prompt given) or the unconditional one (None)."""
+    """Token ids of the conditional template (prompt given) or the unconditional one (None).
+
+    User text is data, never markup: "<uncondition>" or "</user><system>" typed in a prompt
+    must not become the special ids that make a cond row equal the uncond row or inject
+    template tags. An ordinary prompt is tokenized exactly as the official generator does it
+    (the whole template in one call, default add_special_tokens, so a tokenizer that prepends
+    BOS gets it here too); one whose text holds special-token strings is encoded with
+    special-token parsing off and spliced between the template's own ids.
+    """
     if prompt is None:
-        text = layout.uncond_template.format(system=layout.system_prompt)
-    else:
-        text = layout.cond_template.format(system=layout.system_prompt, prompt=prompt)
-    # Called exactly as the official generator calls it (default add_special_tokens), so a
-    # checkpoint whose tokenizer prepends BOS gets it here too.
-    return list(tokenizer(text)["input_ids"])
+        return _ids(tokenizer, layout.uncond_template.format(system=layout.system_prompt), True)
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError("the prompt is empty; describe the image to generate (guidance needs a prompt to differ "
+                          "from the unconditional row)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the prompt holds characters that are not valid Unicode text (undecodable bytes from the "
+                          "command line?); pass UTF-8 text") from None
+    parts = [part.format(system=layout.system_prompt) for part in layout.cond_template.split("{prompt}")]
+    reserved = _reserved(tokenizer, layout)
+    template_only = _ids(tokenizer, "".join(parts), True)
+    allowed = _count(template_only, reserved)
+    user = _ids(tokenizer, prompt, False, split=True)
+    if _ids(tokenizer, prompt, False) == user:  # no special-token text inside: the official call, unchanged
+        ids = _ids(tokenizer, prompt.join(parts), True)
+        if _count(ids, reserved) == allowed:
+            return ids
+    bad = sorted({i for i in user if i in reserved})
+    if bad:
+        raise PromptError(f"the prompt's text maps to reserved token id(s) {', '.join(map(str, bad[:5]))} even with "
+                          "special-token parsing off (this tokenizer normalises text into them); reword the prompt")
+    plain: list[int] = []
+    for i, part in enumerate(parts):
+        if i:
+            plain += user
+        plain += _ids(tokenizer, part, False)
+    # Whatever add_special_tokens adds around the template (BOS, EOS), added around the splice.
+    template_plain = _ids(tokenizer, "".join(parts), False)
+    n = len(template_plain)
+    for k in range(len(template_only) - n + 1):
+        if template_only[k:k + n] == template_plain:
+            return template_only[:k] + plain + template_only[k + n:]
+    return plain
+
+
+def _count(ids: list[int], reserved: set[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for i in ids:
+        if i in reserved:
+            out[i] = out.get(i, 0) + 1
+    return out
 
 
 def build_rows(tokenizer, prompts: list[str], seq: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,19 +34,43 @@ class DiffusersVQ:
         return x.float().clamp_(0, 1)  # DiMOO's VQ decodes straight to [0, 1] (official: .clip(0, 1))
 
 
-def load_vq(model_dir: str | os.PathLike, device="cpu"):
+def load_vq(model_dir: str | os.PathLike, device="cpu", layout=None):
+    """The checkpoint's VQ decoder; with ``layout`` (a TokenLayout) also checked against it, so a
+    decoder with fewer codes or another pixel scale fails here, not after sampling."""
+    from .checkpoint import _read_json
+
     path = Path(model_dir) / "vqvae"
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path}/config.json is missing: the checkpoint has no VQ decoder")
-    cls = json.loads(cfg_file.read_text()).get("_class_name", "VQModel")
+        raise CheckpointError(f"{path}/config.json is missing: the checkpoint has no VQ decoder; restore vqvae/")
+    d = _read_json(cfg_file, "restore vqvae/ from the checkpoint's source")
+    cls = d.get("_class_name", "VQModel") if isinstance(d, dict) else None
     if cls == "VQModel":
-        return DiffusersVQ(path, device)
-    if cls == "PaletteVQ":
+        try:
+            vq = DiffusersVQ(path, device)
+        except ImportError:
+            raise CheckpointError(f"{path} is a diffusers VQModel and diffusers is not installed; pip install "
+                                  "diffusers") from None
+        except Exception as e:  # noqa: BLE001 - diffusers raises OSError/ValueError/TypeError/KeyError alike
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(f"{path}: the VQ decoder cannot be loaded ({first}); restore vqvae/ (config.json "
+                                  "and diffusion_pytorch_model.safetensors) from the checkpoint's source") from None
+        codebook = vq.vq.config.num_vq_embeddings
+    elif cls == "PaletteVQ":
         from .palette import PaletteVQ
 
-        return PaletteVQ.from_pretrained(path, device)
-    raise CheckpointError(f"{cfg_file}: unknown VQ decoder class {cls!r}")
+        vq = PaletteVQ.from_pretrained(path, device)
+        codebook = vq.codebook
+    else:
+        raise CheckpointError(f"{cfg_file}: unknown VQ decoder class {cls!r}; expected VQModel or PaletteVQ")
+    if layout is not None:
+        if codebook < layout.codebook:
+            raise CheckpointError(f"{path} decodes {codebook} codes but config.json's layout has a codebook of "
+                                  f"{layout.codebook}; the VQ decoder belongs to another model")
+        if vq.scale != layout.vq_scale:
+            raise CheckpointError(f"{path} decodes {vq.scale} px per token but config.json's layout says vq_scale "
+                                  f"{layout.vq_scale}; the VQ decoder belongs to another model")
+    return vq
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
