@@ -69,7 +69,7 @@ class TokenLayout:
                     raise ConfigError(f"'{where}.{k}' must be a string, got {_show(v)}")
                 kw[k] = v
             else:
-                kw[k] = _int(v, f"{where}.{k}", minimum=1 if k in ("codebook", "vq_scale") else 0)
+                kw[k] = _int(v, f"{where}.{k}", minimum=1 if k in ("codebook", "vq_scale") else 0, maximum=MAX_VOCAB)
         lay = cls(**kw)
         lay.check(where)
         return lay
@@ -179,15 +179,15 @@ class ModelConfig:
             raise ConfigError(f"'d_model' {d_model} / 'n_heads' {n_heads} must be an even integer head size "
                               "(RoPE rotates halves of each head)")
         # LLaDA configs may give n_kv_heads as null (= MHA) and the MLP size as a ratio.
-        n_kv = n_heads if d.get("n_kv_heads") is None else _int(d["n_kv_heads"], "n_kv_heads")
+        n_kv = n_heads if d.get("n_kv_heads") is None else _int(d["n_kv_heads"], "n_kv_heads", maximum=n_heads)
         if n_heads % n_kv:
             raise ConfigError(f"'n_heads' {n_heads} is not a multiple of 'n_kv_heads' {n_kv} (GQA groups)")
         if d.get("mlp_hidden_size") is not None:
             mlp = _int(d["mlp_hidden_size"], "mlp_hidden_size", maximum=MAX_DIM * 16)
         else:
             mlp = int(_float(d.get("mlp_ratio", 4), "mlp_ratio", positive=True) * d_model)
-            if mlp < 1:
-                raise ConfigError(f"'mlp_ratio' {d.get('mlp_ratio')} gives an empty MLP")
+            if not 1 <= mlp <= MAX_DIM * 16:
+                raise ConfigError(f"'mlp_ratio' {d.get('mlp_ratio')} gives an MLP of {mlp}; expected 1 to {MAX_DIM * 16}")
         vkey = "embedding_size" if d.get("embedding_size") is not None else "vocab_size"
         if d.get(vkey) is None:
             raise ConfigError("required field 'vocab_size' (or 'embedding_size') is missing")
