@@ -218,6 +218,12 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{e.filename or 'a model file'}: {e.strerror or e}; check the path and its permissions") from None
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError, as are CPU allocator failures
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate" not in str(e):
+            raise
+        raise UserError(f"out of memory running {height or 'the default'}x{width or 'default'} on {device} "
+                        f"({str(e).splitlines()[0][:100]}); use a smaller --height/--width, --dtype bf16, or a device "
+                        "with more memory") from None
     # Everything rendered in memory first, then written as one unit: all outputs or none.
     files = []
     buf = io.BytesIO()

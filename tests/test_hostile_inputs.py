@@ -548,3 +548,15 @@ def test_fuzz_config_and_options_never_traceback(tiny_ckpt, tmp_path):
             break
     assert ok > 0 and n - ok > 0, f"the fuzz should see both outcomes ({ok} ok of {n})"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_out_of_memory_is_one_line(tiny_ckpt, tmp_path, monkeypatch):
+    from ladr_rt.pipeline import LadrPipeline
+
+    def oom(self, sampler):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(LadrPipeline, "step", oom)
+    one_line_error(cli("generate", "--model", str(tiny_ckpt), "--prompt", "a cat", *SMALL, "--out",
+                       str(tmp_path / "o.png")), "out of memory", "smaller")
+    assert listing(tmp_path) == []
