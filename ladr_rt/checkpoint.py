@@ -173,6 +173,28 @@ def _write_digest_cache(cache: Path | None, directory: Path, entries: dict[str, 
         atomic_write_text(cache, json.dumps({"format": _CACHE_FORMAT, "dir": str(directory), "files": live},
                                             indent=0, sort_keys=True) + "\n")
     except OSError:
+        return
+    _prune_digest_caches(cache.parent)
+
+
+_pruned: set[Path] = set()
+
+
+def _prune_digest_caches(root: Path) -> None:
+    """Once per process: drop the cache files of directories that no longer exist (temp
+    directories, deleted checkpoints), so the cache does not grow without bound."""
+    if root in _pruned:
+        return
+    _pruned.add(root)
+    try:
+        for f in root.glob("*.json"):
+            try:
+                d = json.loads(f.read_text(encoding="utf-8")).get("dir")
+            except (OSError, ValueError, AttributeError):
+                d = None
+            if not isinstance(d, str) or not Path(d).is_dir():
+                f.unlink(missing_ok=True)
+    except OSError:
         pass
 
 

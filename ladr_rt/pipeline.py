@@ -200,7 +200,7 @@ class LadrPipeline:
         model_dir = model_dir or m["model"]["dir"]
         cfg = read_config(model_dir)
         check_manifest(m, config_digest=cfg.digest(), weights_digest=checkpoint_digest(model_dir), height=height,
-                       width=width, prompt_budget=prompt_budget, batch=batch)
+                       width=width, prompt_budget=prompt_budget, batch=batch, model=model_dir)
         a = m["build_args"]
         spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
         tokenizer = load_tokenizer(model_dir)

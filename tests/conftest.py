@@ -1,8 +1,14 @@
 """Shared fixtures: tiny DiMOO-format checkpoints written once per session."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The weights-digest cache (~/.cache/ladr-rt) belongs to the user, not to a test run.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ladr-test-cache-")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -31,16 +31,28 @@ def one_line_error(r, *needles) -> str:
     return lines[0]
 
 
-def build_args(model, out, precision="fp32", **shape):
+def build_args(model, out, precision="fp32", device="cpu", **shape):
+    """``build`` arguments for the tiny engines. The device is pinned to the CPU by default: on a
+    CUDA machine the build would export and validate on the GPU, and the exact engine == eager
+    comparisons are made against the CPU eager model."""
     s = {**TINY_SHAPE, **shape}
     return ["build", "--model", model, "--height", s["height"], "--width", s["width"], "--prompt-budget",
-            s["prompt_budget"], "--precision", precision, "--backend", "onnx", "--out", out]
+            s["prompt_budget"], "--precision", precision, "--backend", "onnx", "--out", out,
+            *(["--device", device] if device else [])]
+
+
+# Each test module that imports ``tiny_engine`` gets its own session fixture definition, so
+# without this cache every such module would build the engine again (~4 s each).
+_BUILT: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_ckpt, tmp_path_factory) -> Path:
-    """The tiny checkpoint built as an fp32 onnx engine: returns engines/NAME (no suffix)."""
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    r = run_cli_inproc(*build_args(tiny_ckpt, out))
-    assert r.exit_code == 0, r.output
-    return out
+    """The tiny checkpoint built as an fp32 onnx engine: returns engines/NAME (no suffix).
+    Tests copy it before changing anything."""
+    if str(tiny_ckpt) not in _BUILT:
+        out = tmp_path_factory.mktemp("engines") / "tiny"
+        r = run_cli_inproc(*build_args(tiny_ckpt, out))
+        assert r.exit_code == 0, r.output
+        _BUILT[str(tiny_ckpt)] = out
+    return _BUILT[str(tiny_ckpt)]

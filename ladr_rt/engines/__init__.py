@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 
-from .manifest import EngineError, EngineMismatch, check_files, check_manifest, read_manifest
+from .manifest import EngineError, EngineMismatch, check_files, check_io, check_manifest, read_manifest
 
 __all__ = ["EngineError", "EngineMismatch", "read_manifest", "check_manifest", "load_denoiser"]
 
 
 def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
     """The runner the manifest names, on ``device`` (auto: cuda for TensorRT or when
-    onnxruntime has a CUDA provider, else cpu)."""
+    onnxruntime has a CUDA provider, else cpu), after checking that every engine file holds
+    what the build wrote and that the loaded graph's I/O is the manifest's."""
     check_files(m)
     d = Path(m["_dir"])
     if m["runner"] == "tensorrt":
@@ -37,13 +38,18 @@ def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
 
         # A plan is compiled for one GPU architecture: refuse another before deserializing.
         check_manifest(m, compute_capability=compute_capability(device))
-        return TrtDenoiser(d / f"{m['name']}.plan", device)
+        den = TrtDenoiser(d / f"{m['name']}.plan", device)
+        check_io(m, den.io_spec(), den.path)
+        return den
     if m["runner"] == "onnxruntime":
         from .ort import OrtDenoiser, import_ort
 
         if str(device) == "auto":
             cuda_ep = "CUDAExecutionProvider" in import_ort().get_available_providers()
             device = "cuda" if cuda_ep and torch.cuda.is_available() else "cpu"
-        return OrtDenoiser(d / f"{m['name']}.onnx", device)
+        # An fp32 engine runs fp32 matmuls: onnxruntime's CUDA EP would use TF32 by default.
+        den = OrtDenoiser(d / f"{m['name']}.onnx", device, tf32=False if m["precision"] == "fp32" else None)
+        check_io(m, den.io_spec(), den.path)
+        return den
     raise EngineError(f"{d / m['name']}.json names runner {m['runner']!r}, which this ladr-rt does not know; "
                       "upgrade ladr-rt or rebuild the engine")

@@ -1,7 +1,8 @@
 """TensorRT: strongly typed plan from the engine's ONNX, and a runner over named tensors.
 
 ``tensorrt`` is imported lazily (only ``--backend tensorrt`` and ``.plan`` engines need it),
-so the package and CLI work without it. Written against the TensorRT 10 Python API.
+so the package and CLI work without it. Written against the TensorRT 10 Python API (and
+TensorRT 11's, where the STRONGLY_TYPED flag is deprecated because every network is).
 
 Precision is carried by the ONNX graph's types (STRONGLY_TYPED network: no fp16/bf16
 builder flags, no layer-precision guessing), so the norms' fp32 statistics and the fp32
@@ -38,13 +39,26 @@ def compute_capability(device: torch.device | str = "cuda") -> str:
 
 
 def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: float = 8.0,
-               timing_cache: str | None = None) -> None:
+               timing_cache: str | Path | None = None, log=print) -> None:
+    """Parse ``onnx_path`` into a strongly typed network and write the plan to ``plan_path``.
+
+    fp32 plans are built with BuilderFlag.TF32 cleared: it is on by default ("Allow (but not
+    require) computations on tensors of type DataType.FLOAT to use TF32 ... Enabled by
+    default", TensorRT IBuilderConfig docs) and strong typing does not touch it (TensorRT 11,
+    where every network is strongly typed, still has kTF32): an fp32 plan with TF32 fails its
+    own fp32 validation. bf16/fp16 graphs keep the default (their fp32 islands are norms).
+
+    ``timing_cache`` (already resolved to an absolute path, its directory created by the
+    build) is read if present and valid, else replaced by a fresh one; it is written after the
+    plan, and a failure to write it is a warning: the plan is never lost to the cache."""
     from ..build import BuildError
 
     trt = import_trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # TensorRT 11 deprecates the flag (always strongly typed) but keeps it for compatibility.
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly is None else 1 << int(strongly))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so the parser finds NAME.onnx.data beside the file.
     if not parser.parse_from_file(str(onnx_path)):
@@ -52,9 +66,25 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: 
         raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = None
+    if cache_path is not None and cache_path.is_file():
+        try:
+            cache = config.create_timing_cache(cache_path.read_bytes())
+        except Exception as e:  # noqa: BLE001 - TensorRT raises its own types; a bad cache only costs time
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            log(f"[build] warning: timing cache {cache_path} is unreadable ({first}); starting a fresh one")
+            cache = None
+        # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused by
+        # TensorRT (set_timing_cache returns False), and replaced rather than trusted.
+        if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+            log(f"[build] warning: timing cache {cache_path} was made by another GPU or TensorRT version; "
+                "starting a fresh one")
+            cache = None
+    if cache is None:
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     dynamic = False
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -69,8 +99,14 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: 
         raise BuildError(f"TensorRT failed to build an engine from {onnx_path.name} at {precision} (see the "
                          "TensorRT log above); try a larger workspace_gib in the profile")
     atomic_write_bytes(plan_path, plan)
-    if cache_path:
-        atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
+    del plan
+    if cache_path is not None:
+        try:
+            atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
+        except (OSError, AttributeError) as e:
+            why = getattr(e, "strerror", None) or e
+            log(f"[build] warning: could not write the timing cache {cache_path} ({why}); the plan is unaffected, "
+                "the next build just tunes from scratch")
 
 
 TORCH_OF = {"INT32": torch.int32, "BOOL": torch.bool, "FLOAT": torch.float32, "HALF": torch.float16,
@@ -115,6 +151,12 @@ class TrtDenoiser:
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self._bound: tuple | None = None
+
+    def io_spec(self) -> dict[str, tuple[list, str]]:
+        """{name: (shape, dtype)} of the plan, in the manifest's dtype names."""
+        names = {torch.int32: "int32", torch.bool: "bool", torch.float32: "float32", torch.float16: "float16",
+                 torch.bfloat16: "bfloat16", torch.int64: "int64"}
+        return {n: (list(shape), names.get(TORCH_OF.get(dt), dt)) for n, (shape, dt) in self.io.items()}
 
     def _bind(self, input_ids, key_mask, out) -> None:
         for n, t in (("input_ids", input_ids), ("key_mask", key_mask), ("logits", out)):
