@@ -17,9 +17,7 @@ import math
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import time
 import tomllib
 import typing
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import ImageSpec
+from .fileio import Interrupted, signals_unwind
 from .engines.graph import INPUTS, OUTPUTS, EngineGraph
 from .engines.manifest import (BACKENDS, FORMAT, PRECISIONS, EngineError, engine_files, engine_paths,
                                write_manifest)
@@ -47,15 +46,13 @@ class ValidationError(BuildError):
     pass
 
 
-class BuildInterrupted(SystemExit):
-    """SIGTERM/SIGHUP during a build, raised in the main thread so that every ``finally``
-    runs (temp directory removed, lock released); exits 128 + the signal number."""
+class BuildInterrupted(Interrupted):
+    """SIGTERM/SIGHUP during a build (``fileio.signals_unwind``)."""
 
     def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
-        self.message = (f"build stopped by {signal.Signals(signum).name}: its temp directory was removed and "
-                        "nothing was installed (an engine already there is untouched)")
+        super().__init__(signum, "build")
+        self.message = self.message("its temp directory was removed and nothing was installed (an engine already "
+                                    "there is untouched)")
 
 
 @dataclass(frozen=True)
@@ -413,38 +410,6 @@ def _versions() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def _signals_unwind():
-    """SIGTERM and SIGHUP raise BuildInterrupted for the duration of the build, so they clean
-    up as SIGINT (KeyboardInterrupt) does; the previous handlers are restored after. Only in
-    the main thread (the only one Python delivers signals to). A signal the process ignores
-    (nohup, a supervisor) stays ignored. A second signal while the first unwinds is dropped,
-    so the cleanup itself is not cut short. Python runs the handler between bytecodes: during
-    a long C call (the exporter, TensorRT's builder) it takes effect when that call returns."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise BuildInterrupted(signum)
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        prev = signal.getsignal(sig)
-        if prev is signal.SIG_IGN:
-            continue
-        old[sig] = prev
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
 def _build_lock(out_dir: Path, name: str):
     """Exclusive, non-blocking flock on ``out_dir/.NAME.lock`` for one build of NAME.
 
@@ -579,7 +544,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
     inputs = validation_inputs(tokenizer, seq, opts.batch)  # also checks the templates fit the budget
     keep_onnx = opts.keeps_onnx
 
-    with _signals_unwind(), _build_lock(out_dir, name):
+    with signals_unwind(BuildInterrupted), _build_lock(out_dir, name):
         _remove_stale(out_dir, name, log)
         tmp = None
         try:

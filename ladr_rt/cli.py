@@ -1,19 +1,16 @@
 """ladr-rt command line: maps options onto the config dataclasses, nothing else."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from .config import SAMPLERS, ImageSpec, SamplerConfig
-from .fileio import atomic_write_all
+from .fileio import Interrupted, atomic_write_all, signals_unwind
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -60,25 +57,16 @@ def _image_format(path: Path) -> str:
     return fmt
 
 
-class Terminated(UserError):
-    exit_code = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+class GenerateInterrupted(Interrupted):
+    def __init__(self, signum: int):
+        super().__init__(signum, "generate")
+        self.message = self.message("no output was written")
 
 
-@contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so `finally` and the atomic
-    writes clean up temp files instead of the process dying mid-write."""
-    def handler(signum, frame):
-        raise Terminated("terminated by SIGTERM; no output was written")
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+class InitInterrupted(Interrupted):
+    def __init__(self, signum: int):
+        super().__init__(signum, "init-tiny")
+        self.message = self.message("its temp directory was removed and nothing was written")
 
 
 def _device_dtype(device: str, dtype: str):
@@ -127,8 +115,11 @@ class OneLineErrors(click.Group):
             e.show()
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("Aborted (interrupted); no output was written.", err=True)
+            click.echo("Error: interrupted (Ctrl-C); no output was written", err=True)
             sys.exit(130)
+        except Interrupted as e:  # SIGTERM/SIGHUP, unwound: say what was left, exit 128 + signal
+            click.echo(f"Error: {e.message}", err=True)
+            sys.exit(e.code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -172,7 +163,7 @@ def main() -> None:
 def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
              dtype, out, save_tokens, trace_path, progress) -> None:
     """Prompt -> PNG with the eager model, or with an engine from `ladr-rt build`."""
-    with sigterm_raises():
+    with signals_unwind(GenerateInterrupted):
         _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler,
                   device, dtype, out, save_tokens, trace_path, progress)
 
@@ -273,7 +264,6 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
 def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate,
           keep_onnx) -> None:
     """Export the transformer at one fixed shape to ONNX (and TensorRT), validated, with a manifest."""
-    from .build import BuildInterrupted
     from .build import build as run_build
     from .build import resolve_options
 
@@ -284,9 +274,6 @@ def build(model, height, width, prompt_budget, batch, precision, backend, out, p
         if device is not None:
             device = _device_dtype(device, "fp32")[0]
         manifest = run_build(opts, log=click.echo, device=device)
-    except BuildInterrupted as e:  # SIGTERM/SIGHUP: cleaned up; say so, exit 128 + signal
-        click.echo(f"Error: {e.message}", err=True)
-        raise
     except ValueError as e:  # CheckpointError, EngineError, BuildError, ValidationError, PromptTooLong
         raise UserError(str(e)) from None
     except OSError as e:  # a full disk or an unwritable file mid-build
@@ -314,7 +301,7 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
     cfg = tiny_config(d_model=d_model, n_layers=layers)
     try:
         ModelConfig.from_json_dict(cfg.to_json_dict())  # the checks a load would make, before writing
-        with sigterm_raises():
+        with signals_unwind(InitInterrupted):
             p = write_tiny_checkpoint(out_dir, cfg, seed=seed)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -1,9 +1,12 @@
 """Atomic writes: a reader sees the whole file (or directory) or nothing, never half of it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -97,3 +100,45 @@ def atomic_write_all(items: list[tuple[Path, bytes]]) -> None:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class Interrupted(SystemExit):
+    """SIGTERM/SIGHUP, raised in the main thread so that every ``finally`` runs (temp files
+    removed, locks released); exits 128 + the signal number. ``message`` says what was left."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = f"{what} stopped by {signal.Signals(signum).name}: {{}}".format
+
+
+@contextlib.contextmanager
+def signals_unwind(make: type[Interrupted]):
+    """SIGTERM and SIGHUP raise ``make(signum)`` while the block runs, so they clean up as SIGINT
+    (KeyboardInterrupt) does; the previous handlers are restored after. Only in the main thread
+    (the only one Python delivers signals to). A signal the process ignores (nohup, a
+    supervisor) stays ignored. A second signal while the first unwinds is dropped, so the
+    cleanup itself is not cut short. Python runs the handler between bytecodes: during a long
+    C call (the exporter, TensorRT's builder) it takes effect when that call returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise make(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        prev = signal.getsignal(sig)
+        if prev is signal.SIG_IGN:
+            continue
+        old[sig] = prev
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)

@@ -14,9 +14,23 @@ from PIL import Image
 CLI = [sys.executable, "-m", "ladr_rt.cli"]
 
 
-def run_cli(*args, cwd=None):
+def run_subprocess(*args, cwd=None):
+    """A real `python -m ladr_rt.cli` process (the entry point, exit codes, stderr as a user sees them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def run_cli(*args):
+    """In-process (click's CliRunner): the same command, without 3 s of interpreter and torch start-up
+    per call. Stray exceptions would surface as a non-SystemExit ``exception``; they are re-raised."""
+    from click.testing import CliRunner
+
+    from ladr_rt.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def test_generate_writes_png_tokens_and_trace(tiny_ckpt, tmp_path):
@@ -24,9 +38,9 @@ def test_generate_writes_png_tokens_and_trace(tiny_ckpt, tmp_path):
     # Pinned to fp32 on the CPU: on a CUDA machine the default is cuda + bf16, and the
     # same-seed check below compares two runs exactly.
     pin = ("--device", "cpu", "--dtype", "fp32")
-    r = run_cli("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width",
-                "80", "--steps", "12", "--seed", "3", *pin, "--out", str(out), "--save-tokens", str(tok), "--trace",
-                str(trace), "--no-progress")
+    r = run_subprocess("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width",
+                       "80", "--steps", "12", "--seed", "3", *pin, "--out", str(out), "--save-tokens", str(tok),
+                       "--trace", str(trace), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "evaluations" in r.stdout
     img = Image.open(out)
