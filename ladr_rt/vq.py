@@ -18,9 +18,17 @@ from .checkpoint import CheckpointError
 class DiffusersVQ:
     def __init__(self, path: str | os.PathLike, device="cpu"):
         from diffusers import VQModel
+        from diffusers.utils import logging as diffusers_logging
 
-        self.vq = VQModel.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
-                                          low_cpu_mem_usage=False)
+        # diffusers logs a load failure before raising it; the caller turns the exception into
+        # the one line a user sees, so the log would only repeat it.
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+        try:
+            self.vq = VQModel.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
+                                              low_cpu_mem_usage=False)
+        finally:
+            diffusers_logging.set_verbosity(level)
         self.vq = self.vq.to(device).eval().requires_grad_(False)
         self.scale = 2 ** (len(self.vq.config.block_out_channels) - 1)
         self.device = torch.device(device)
