@@ -8,8 +8,8 @@ seconds (ladr, on that backend's logits), end-to-end seconds and evaluations for
 (T steps, temperature 1), and the roofline: FLOPs per evaluation
 (``ModelConfig.flops_per_eval``) over a measured fp32 matmul peak on the same threads.
 Writes the full results as JSON (--out) and ends with one JSON line on stdout.
-GPU rows (eager / torch-graph / onnxruntime-cuda at 8B) run only where CUDA is present;
-elsewhere the JSON says so.
+GPU rows (official-style / eager / torch-graph / onnxruntime-cuda / tensorrt at 8B) run only
+where CUDA is present; elsewhere the JSON says so.
 
     python3 bench/latency.py --gpu          # GPU: the 8B DiMOO config, random bf16 weights, 512^2 and 1024^2
     python3 bench/latency.py --gpu --device cpu --gpu-model tiny --resolutions 64x96 --prompt-budget 32
@@ -18,7 +18,10 @@ elsewhere the JSON says so.
 The GPU suite (``run_gpu_suite``) builds the model with seeded random weights directly on the
 device (no checkpoint), times every backend through the ``Denoiser`` call signature with
 CUDA events, and writes ``bench/results/latency_gpu.json`` (--gpu-out) row by row, so a run
-cut short still leaves what it measured. Without --gpu on a machine with CUDA, the CPU suite
+cut short still leaves what it measured. The ``official`` row evaluates as the official
+generator does (two batch-1 forwards of their own lengths, full-vocabulary logits, a host read
+per step) and is the reference of ``speedup_vs_official``. ``bench/gpu_check.py`` runs this
+suite as stage 2 of the one-command GPU check. Without --gpu on a machine with CUDA, the CPU suite
 runs first and the GPU suite after it.
 """
 from __future__ import annotations
@@ -136,8 +139,12 @@ GPU_MODELS = {
     "8b": ModelConfig(),  # DiMOO: d 4096, 32 layers, 32 heads, MLP 12288, vocab 134548
     "30m": CONFIGS["30m"][0],
     "tiny": CONFIGS["tiny"][0],
+    "micro": tiny_config(n_layers=1, weight_tying=True),  # the GPU check's CPU smoke run
 }
-GPU_BACKENDS = ("eager", "torch-graph", "onnxruntime")
+GPU_BACKENDS = ("official", "eager", "torch-graph", "tensorrt", "onnxruntime")
+# Exported graphs, run after the torch rows in this order: onnxruntime last, since its export
+# converts the shared model to fp16 (CUDA) or fp32 (CPU) in place (TensorRT exports it as it is).
+ENGINE_BACKENDS = ("tensorrt", "onnxruntime")
 CPU_MODEL_LIMIT = 4 << 30  # bytes of weights the suite will build on a CPU (this machine: 24 GB RAM)
 
 
@@ -147,11 +154,50 @@ class Skip(Exception):
 
 class SyntheticTokenizer:
     """Deterministic whitespace ids below the image range, so prompt rows have real-looking
-    text and padding (key masks) without a tokenizer file. Latency does not depend on ids."""
+    text and padding (key masks) without a tokenizer file. Latency does not depend on ids.
+    Speaks the part of the Hugging Face tokenizer interface ``tokens.text_ids`` uses."""
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    all_special_ids: tuple[int, ...] = ()
+    unk_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
         words = text.replace("<", " <").replace(">", "> ").split()
         return {"input_ids": [1000 + (sum(map(ord, w)) * 7919) % 100000 for w in words]}
+
+
+class OfficialStyleDenoiser:
+    """The official generator's way of evaluating, behind the ``Denoiser`` call: the cond and
+    uncond rows as two batch-1 forwards of their own lengths (no padding; the uncond template
+    is shorter), full-vocabulary logits [1, L, V] cast to fp32 and then sliced to the image
+    positions and the codebook columns, and a host read per step (the official loop indexes
+    logits with the mask). The speed-up of every other row is measured against this one."""
+
+    name = "official-style"
+    ids_dtype = torch.long
+    logits_dtype = torch.float32
+    graph_safe = False
+
+    def __init__(self, model, seq):
+        self.model, self.seq = model, seq
+        self.device = next(model.parameters()).device
+        self.positions = seq.image_positions.to(self.device)  # [N] in the padded row
+        lay = seq.layout
+        self.cols = slice(lay.image_offset, lay.image_offset + lay.codebook)
+        self.lengths: list[int] = []  # unpadded row lengths of the last call
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
+        pads = (~key_mask).sum(-1).tolist()  # the host read per step
+        self.lengths = [input_ids.shape[1] - p for p in pads]
+        for r, p in enumerate(pads):  # cond rows, then uncond rows: one batch-1 forward each
+            logits = self.model(input_ids[r:r + 1, p:]).float()  # [1, L_r, V]
+            out[r].copy_(logits[0, self.positions - p, self.cols])
+
+
+def official_flops(cfg: ModelConfig, lengths: list[int]) -> float:
+    """FLOPs of the official-style evaluation: one trunk per row at its own length, and the
+    full-vocabulary head at every position."""
+    return float(sum(cfg.flops_per_eval(L, 0, batch=1) + 2 * cfg.d_model * cfg.vocab_size * L for L in lengths))
 
 
 def parse_resolution(r: str) -> tuple[int, int]:
@@ -221,12 +267,17 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
     return model.eval().requires_grad_(False)
 
 
-def make_denoiser(backend: str, model, seq, device: torch.device, workdir: Path, ort_cuda: bool, log):
+def make_denoiser(backend: str, model, seq, device: torch.device, workdir: Path, ort_cuda: bool, log,
+                  trt_full: bool = False):
     """The backend's ``Denoiser`` over ``model`` at ``seq``'s shape, or ``Skip(reason)``."""
     from ladr_rt.denoiser import EagerDenoiser
 
     if backend == "eager":
         return EagerDenoiser(model, seq.image_positions), {}
+    if backend == "official":
+        return OfficialStyleDenoiser(model, seq), {"note": OfficialStyleDenoiser.__doc__.split("\n\n")[0]}
+    if backend == "tensorrt":
+        return trt_denoiser(model, seq, device, workdir, trt_full, log)
     if backend == "torch-graph":
         if device.type != "cuda":
             raise Skip("needs a CUDA device (CUDA graphs)")
@@ -264,13 +315,56 @@ def make_denoiser(backend: str, model, seq, device: torch.device, workdir: Path,
         export_s = time.perf_counter() - t0
         log(f"  onnxruntime: exported {path.name} in {export_s:.1f} s ({str(dtype).replace('torch.', '')})")
         del graph
-        if device.type == "cuda" and device.index is None:
-            # OrtDenoiser compares tensor devices exactly: cuda:0 (the buffers) != cuda
-            device = torch.device("cuda", torch.cuda.current_device())
-        den = OrtDenoiser(path, device)
+        den = OrtDenoiser(path, canonical(device))  # compares tensor devices exactly: cuda:0 (the buffers) != cuda
         return den, {"export_s": export_s, "precision": str(dtype).replace("torch.", ""),
                      "providers": den.session.get_providers()}
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(GPU_BACKENDS)}")
+
+
+def trt_denoiser(model, seq, device: torch.device, workdir: Path, trt_full: bool, log):
+    """The TensorRT row: the engine graph exported as ``ladr-rt build`` exports it, a plan built
+    from it, and ``TrtDenoiser`` (the same Denoiser call as every row), or ``Skip(reason)``."""
+    from ladr_rt.engines.manifest import EngineError
+
+    if device.type != "cuda":
+        raise Skip("needs a CUDA device (TensorRT builds for and runs on the GPU)")
+    try:
+        from ladr_rt.engines.trt import import_trt
+
+        trt = import_trt()
+    except (EngineError, ImportError) as e:
+        raise Skip(f"TensorRT does not import here: {e}") from None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weight_bytes > 1 << 30 and not trt_full:
+        raise Skip(f"TensorRT {trt.__version__} imports, but a plan of the full model ({weight_bytes / 2**30:.0f} GiB "
+                   "of weights exported to ONNX, then a TensorRT build, per resolution) does not fit this suite's "
+                   "time budget; pass --trt (a run of its own)")
+    from ladr_rt.build import export_onnx
+    from ladr_rt.engines.graph import EngineGraph
+    from ladr_rt.engines.trt import TrtDenoiser, build_plan
+
+    dtype = next(model.parameters()).dtype
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    graph = EngineGraph.from_model(model, seq.seq_len, seq.image_positions)
+    onnx_path = workdir / f"trt-{seq.spec.height}x{seq.spec.width}.onnx"
+    plan = onnx_path.with_suffix(".plan")
+    t0 = time.perf_counter()
+    export_onnx(graph, onnx_path, 2, seq.seq_len)
+    export_s = time.perf_counter() - t0
+    del graph
+    t0 = time.perf_counter()
+    build_plan(onnx_path, plan, precision)
+    build_s = time.perf_counter() - t0
+    log(f"  tensorrt: exported in {export_s:.1f} s, built {plan.name} ({precision}) in {build_s:.1f} s")
+    return TrtDenoiser(plan, canonical(device)), {"export_s": export_s, "build_s": build_s, "precision": precision,
+                                                  "tensorrt": trt.__version__}
+
+
+def canonical(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current>: engine runners compare tensor devices exactly."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def gpu_row(pipe, cfg: ModelConfig, device: torch.device, peak: float, warmup: int, reps: int, e2e_steps: int,
@@ -311,11 +405,16 @@ def gpu_row(pipe, cfg: ModelConfig, device: torch.device, peak: float, warmup: i
     sampler = make_sampler(scfg, state)
     runner = pipe.step_runner(sampler)
     row["whole_step_graph"] = type(getattr(runner, "__self__", None)).__name__ == "CUDAGraph"
+    row["capture_s"] = pipe.capture_seconds  # warm-up step + capture, once per (sampler config, T) and pipeline
     row["whole_step_s"] = statistics.median(event_times(runner, device, 1, n_steps))
     del runner
 
-    # 4. roofline
-    flops = cfg.flops_per_eval(L, N, batch=2)
+    # 4. roofline (the official-style evaluation does more work: full-vocabulary head, two lengths)
+    if isinstance(den, OfficialStyleDenoiser):
+        flops = official_flops(cfg, den.lengths)
+        row["official_lengths"] = den.lengths
+    else:
+        flops = cfg.flops_per_eval(L, N, batch=2)
     row.update(flops_per_eval=flops, achieved_flops=flops / row["eval_s"], roofline_s=flops / peak,
                roofline_fraction=flops / peak / row["eval_s"])
 
@@ -325,10 +424,12 @@ def gpu_row(pipe, cfg: ModelConfig, device: torch.device, peak: float, warmup: i
                                  "per_step_s": per_step, "note": "evaluations x whole-step time"}
     if measure_e2e:
         meas = {}
-        for name in ("baseline", "ladr"):
-            _, _, evals, secs = pipe.generate_codes(PROMPT, SamplerConfig(name=name, steps=e2e_steps, temperature=1.0,
-                                                                           seed=0))
-            meas[name] = {"seconds": secs, "evaluations": evals, "steps": e2e_steps}
+        # the official generator has only the baseline rule: its row is the reference run
+        for name in ("baseline",) if isinstance(den, OfficialStyleDenoiser) else ("baseline", "ladr"):
+            _, trace, evals, secs = pipe.generate_codes(PROMPT, SamplerConfig(name=name, steps=e2e_steps,
+                                                                               temperature=1.0, seed=0))
+            meas[name] = {"seconds": secs, "evaluations": evals, "steps": e2e_steps,
+                          "capture_seconds": trace.get("capture_seconds", 0.0)}
         meas["note"] = ("generate_codes with random weights: the evaluation count LADR reaches is the random "
                         "model's, not DiMOO's; end_to_end_model_s gives the cost at a stated count")
         row["end_to_end_measured"] = meas
@@ -345,9 +446,13 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
                   device: str = "cuda", dtype: torch.dtype = torch.bfloat16, prompt_budget: int = 64,
                   warmup: int = 3, reps: int = 10, e2e_steps: int = 64, ladr_evals: int = 15,
                   e2e_resolutions=None, peak_n: int | None = None, ort_cuda: bool = False,
-                  budget_s: float = 420.0, out: Path | None = None, log=lambda s: print(s, file=sys.stderr)) -> dict:
-    """Rows for every (resolution, backend); torch backends first, onnxruntime last (its export
-    converts the shared model's dtype in place). Each row is written to ``out`` as it lands."""
+                  budget_s: float = 420.0, out: Path | None = None, log=lambda s: print(s, file=sys.stderr),
+                  deadline_s: float | None = None, trt_full: bool = False) -> dict:
+    """Rows for every (resolution, backend). The torch rows run resolution by resolution (a run
+    cut short still has a complete comparison at the first resolution); the exported-engine
+    rows (onnxruntime, tensorrt) run last, since the onnxruntime export converts the shared
+    model's dtype in place. Each row is written to ``out`` as it lands. ``budget_s``: no measured
+    end-to-end run starts after it; ``deadline_s``: no row starts after it (the JSON says which)."""
     from ladr_rt.pipeline import LadrPipeline
     from ladr_rt.tokens import SequenceLayout
 
@@ -381,6 +486,7 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
 
     def save():
         result["total_s"] = time.perf_counter() - t_start
+        result["speedup_vs_official"] = speedups_vs_official(result)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".json.tmp")
@@ -388,58 +494,100 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
             os.replace(tmp, out)
 
     save()
-    order = [b for b in backends if b != "onnxruntime"] + [b for b in backends if b == "onnxruntime"]
+    torch_rows = [(b, r) for r in resolutions for b in backends if b not in ENGINE_BACKENDS]
+    engine_rows = [(b, r) for b in ENGINE_BACKENDS if b in backends for r in resolutions]
     with tempfile.TemporaryDirectory(prefix="ladr-bench-gpu-") as tmp:
-        for backend in order:
-            for h, w_ in resolutions:
-                spec = ImageSpec(h, w_, prompt_budget)
-                seq = SequenceLayout(spec, cfg.layout)
-                where = {"resolution": f"{h}x{w_}", "backend": backend}
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(dev)
-                try:
-                    den, extra = make_denoiser(backend, model, seq, dev, Path(tmp), ort_cuda, log)
-                except Skip as e:
-                    result["skipped"].append({**where, "reason": str(e)})
-                    log(f"  {h}x{w_} {backend}: skipped ({e})")
-                    save()
-                    continue
-                pipe = LadrPipeline(den, SyntheticTokenizer(), None, cfg.layout, spec, batch=1)
-                measure = (h, w_) in e2e_res and time.perf_counter() - t_start < budget_s
-                try:
-                    r = gpu_row(pipe, cfg, dev, peak, warmup, reps, e2e_steps, ladr_evals, measure)
-                except Exception as e:  # record and go on: one call should bring back every row it can
-                    import traceback
-
-                    result["skipped"].append({**where, "reason": f"failed: {type(e).__name__}: {str(e)[:300]}",
-                                              "traceback": traceback.format_exc()[-2000:]})
-                    log(f"  {h}x{w_} {backend}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                    save()
-                    continue
-                finally:
-                    del pipe, den
-                if (h, w_) in e2e_res and not measure:
-                    r["end_to_end_measured"] = f"not measured: past the suite's time budget of {budget_s:.0f} s"
-                r.update(where, params=n_params, weight_bytes=weight_bytes, **extra)
-                result["rows"].append(r)
-                e2e = r["end_to_end_measured"]
-                log(f"  {h}x{w_} {backend:12s} L={r['seq_len']:5d} N={r['n_image']:5d}  eval {r['eval_s'] * 1e3:9.2f} ms  "
-                    f"step {r['sampler_step_s'] * 1e3:7.2f} ms  whole step {r['whole_step_s'] * 1e3:9.2f} ms"
-                    f"{' (graph)' if r['whole_step_graph'] else ''}  {r['achieved_flops'] / 1e12:7.1f} TFLOP/s "
-                    f"({100 * r['roofline_fraction']:.0f}% of peak)  peak mem "
-                    + (f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a")
-                    + (f"  e2e baseline {e2e['baseline']['seconds']:.2f} s / {e2e['baseline']['evaluations']}, "
-                       f"ladr {e2e['ladr']['seconds']:.2f} s / {e2e['ladr']['evaluations']}" if isinstance(e2e, dict) else ""))
+        for backend, (h, w_) in torch_rows + engine_rows:
+            spec = ImageSpec(h, w_, prompt_budget)
+            seq = SequenceLayout(spec, cfg.layout)
+            where = {"resolution": f"{h}x{w_}", "backend": backend}
+            if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+                reason = f"not started: past the suite's deadline of {deadline_s:.0f} s"
+                result["skipped"].append({**where, "reason": reason})
+                log(f"  {h}x{w_} {backend}: not started (past the {deadline_s:.0f} s deadline)")
                 save()
+                continue
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            try:
+                den, extra = make_denoiser(backend, model, seq, dev, Path(tmp), ort_cuda, log, trt_full)
+            except Skip as e:
+                result["skipped"].append({**where, "reason": str(e)})
+                log(f"  {h}x{w_} {backend}: skipped ({e})")
+                save()
+                continue
+            except Exception as e:  # an export or engine build that broke: record it, go on
+                import traceback
+
+                result["skipped"].append({**where, "reason": f"failed to build: {type(e).__name__}: {str(e)[:300]}",
+                                          "traceback": traceback.format_exc()[-2000:]})
+                log(f"  {h}x{w_} {backend}: BUILD FAILED {type(e).__name__}: {str(e)[:200]}")
+                save()
+                continue
+            pipe = LadrPipeline(den, SyntheticTokenizer(), None, cfg.layout, spec, batch=1)
+            measure = (h, w_) in e2e_res and time.perf_counter() - t_start < budget_s
+            try:
+                r = gpu_row(pipe, cfg, dev, peak, warmup, reps, e2e_steps, ladr_evals, measure)
+            except Exception as e:  # record and go on: one call should bring back every row it can
+                import traceback
+
+                result["skipped"].append({**where, "reason": f"failed: {type(e).__name__}: {str(e)[:300]}",
+                                          "traceback": traceback.format_exc()[-2000:]})
+                log(f"  {h}x{w_} {backend}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                save()
+                continue
+            finally:
+                del pipe, den
+            if (h, w_) in e2e_res and not measure:
+                r["end_to_end_measured"] = f"not measured: past the suite's time budget of {budget_s:.0f} s"
+            r.update(where, params=n_params, weight_bytes=weight_bytes, **extra)
+            result["rows"].append(r)
+            e2e = r["end_to_end_measured"]
+            runs = ", ".join(f"{k} {v['seconds']:.2f} s / {v['evaluations']}" for k, v in e2e.items()
+                             if isinstance(v, dict)) if isinstance(e2e, dict) else ""
+            log(f"  {h}x{w_} {backend:12s} L={r['seq_len']:5d} N={r['n_image']:5d}  eval {r['eval_s'] * 1e3:9.2f} ms  "
+                f"step {r['sampler_step_s'] * 1e3:7.2f} ms  whole step {r['whole_step_s'] * 1e3:9.2f} ms"
+                f"{' (graph)' if r['whole_step_graph'] else ''}  {r['achieved_flops'] / 1e12:7.1f} TFLOP/s "
+                f"({100 * r['roofline_fraction']:.0f}% of peak)  peak mem "
+                + (f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a")
+                + (f"  e2e {runs}" if runs else ""))
+            save()
     del model
     save()
     return result
 
 
+def speedups_vs_official(result: dict) -> dict:
+    """Per (resolution, backend): the official-style 64-step baseline's seconds over this row's,
+    measured (baseline and LADR runs of this row) and modelled (LADR at the stated count x this
+    row's whole step, against the official's T x its plain step). Rows without an official row
+    at their resolution get none."""
+    ref = {r["resolution"]: r for r in result["rows"] if r["backend"] == "official"}
+    out: dict = {}
+    for r in result["rows"]:
+        o = ref.get(r["resolution"])
+        if o is None:
+            continue
+        sp: dict = {}
+        om, rm = o["end_to_end_model_s"], r["end_to_end_model_s"]
+        base_key = next(k for k in om if k.startswith("baseline_"))
+        for k, v in rm.items():
+            if k.startswith(("baseline_", "ladr_")):
+                sp[f"{k}_modelled"] = om[base_key] / v
+        oe, re_ = o["end_to_end_measured"], r["end_to_end_measured"]
+        if isinstance(oe, dict) and isinstance(re_, dict) and "baseline" in oe:
+            for k, v in re_.items():
+                if isinstance(v, dict) and v["seconds"] > 0:
+                    sp[f"{k}_{v['evaluations']}evals_measured"] = oe["baseline"]["seconds"] / v["seconds"]
+        out[f"{r['resolution']}/{r['backend']}"] = sp
+    return out
+
+
 def gpu_summary(result: dict, out: Path | None) -> dict:
     """The compact last-line JSON of a GPU run (the full rows are in the file)."""
     rows = []
+    speed = speedups_vs_official(result)
     for r in result["rows"]:
         e2e = r["end_to_end_measured"]
         rows.append({
@@ -451,6 +599,8 @@ def gpu_summary(result: dict, out: Path | None) -> dict:
             "e2e_model_s": {k: round(v, 3) for k, v in r["end_to_end_model_s"].items() if isinstance(v, float)},
             "e2e_measured_s": ({k: [round(v["seconds"], 3), v["evaluations"]] for k, v in e2e.items() if isinstance(v, dict)}
                                if isinstance(e2e, dict) else None),
+            "speedup_vs_official": {k: round(v, 2)
+                                    for k, v in speed.get(f"{r['resolution']}/{r['backend']}", {}).items()},
         })
     return {"bench": "latency-gpu", "out": str(out) if out else None, "hardware": result["hardware"],
             "model": result["model"], "peak_tflops": round(result["matmul_peak_flops"] / 1e12, 1), "rows": rows,
@@ -466,7 +616,7 @@ def gpu_main(a) -> dict:
     out = Path(a.gpu_out)
     result = run_gpu_suite(a.gpu_model, res, tuple(a.gpu_backends.split(",")), a.device, torch.bfloat16,
                            a.prompt_budget, a.warmup, a.reps, a.e2e_steps, a.ladr_evals, e2e, ort_cuda=a.ort_cuda,
-                           budget_s=a.budget_s, out=out)
+                           budget_s=a.budget_s, out=out, deadline_s=a.deadline_s, trt_full=a.trt)
     return gpu_summary(result, out)
 
 
@@ -494,6 +644,11 @@ def main(argv=None) -> int:
                    help="export the full graph for onnxruntime's CUDA EP (16 GB per resolution; a run of its own)")
     g.add_argument("--budget-s", type=float, default=420.0,
                    help="after this many seconds the suite stops starting measured end-to-end runs")
+    g.add_argument("--deadline-s", type=float, default=None,
+                   help="after this many seconds the suite starts no further row (the JSON lists what it skipped)")
+    g.add_argument("--trt", action="store_true",
+                   help="build the TensorRT row at full size too (export + plan build per resolution; "
+                        "a run of its own)")
     g.add_argument("--gpu-out", default="bench/results/latency_gpu.json", help="JSON results file of the GPU suite")
     a = ap.parse_args(argv)
     if a.quick:

@@ -43,7 +43,18 @@ class EagerDenoiser:
         p = next(model.parameters())
         self.device, self.logits_dtype = p.device, p.dtype
         self.positions = image_positions.to(self.device)  # [N]
+        # RoPE tables per sequence length, owned here and never replaced: a captured graph
+        # reads them by address, and the model is shared with other denoisers (other L).
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [seq_len, head_dim] fp32, computed on the first call for this length.
+        That first call is the warm-up every capture runs outside the graph, so the tables
+        are never allocated from a graph's private pool."""
+        if seq_len not in self._rope:
+            self._rope[seq_len] = self.model.rope(seq_len, self.device)
+        return self._rope[seq_len]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(self.model(input_ids, key_mask, image_positions=self.positions))
+        out.copy_(self.model(input_ids, key_mask, image_positions=self.positions, rope=self.rope(input_ids.shape[1])))

@@ -57,7 +57,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # linear branch
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_bias):
         B, L, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
@@ -67,20 +67,35 @@ class Block(nn.Module):
         if self.n_kv_heads != self.n_heads:  # GQA: share each kv head across its query group
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # Bidirectional: no causal mask. attn_mask only hides left-padding keys.
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        # Bidirectional: no causal mask. attn_bias [B, 1, 1, L] only hides left-padding keys.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=False)
         x = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
 
+def key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] bool (True = real token) -> additive SDPA bias [B, 1, 1, L] in ``dtype``: 0 for
+    real keys, the dtype's most negative finite value for left padding.
+
+    A float bias rather than the boolean mask: the ONNX exporter lowers SDPA with a *boolean*
+    mask to Softmax -> IsNaN -> Where (its guard for fully masked rows), which materialises the
+    [B, heads, L, L] weights a second time and can keep TensorRT from fusing the attention; a
+    float mask lowers to a plain Add. No row here is fully masked (the image region is always
+    real), so the guard was never needed, and exp(min - max) is exactly 0 as with -inf."""
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill_(~key_mask.bool(), torch.finfo(dtype).min)[:, None, None, :]
+
+
 def run_trunk(wte: nn.Embedding, blocks: nn.ModuleList, ln_f: RMSNorm, input_ids: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+              cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """Embedding -> blocks -> final norm, [B, L] ids -> [B, L, d]; the reference model and
-    the engine graph both run the stack through here, so they cannot drift apart."""
+    the engine graph both run the stack through here, so they cannot drift apart.
+    The key-padding bias is built once here, not per layer."""
     x = wte(input_ids)
+    bias = None if key_mask is None else key_bias(key_mask, x.dtype)
     for block in blocks:
-        x = block(x, cos, sin, attn_mask)
+        x = block(x, cos, sin, bias)
     return ln_f(x)
 
 
@@ -107,13 +122,17 @@ class DimooModel(nn.Module):
     ``forward(input_ids, key_mask, image_positions=pos [N])`` -> image-code logits
     [B, N, codebook]: hidden states are gathered at the image positions before the head,
     and the head is sliced to the codebook rows, so the [B, L, V] tensor never exists.
+
+    ``rope=(cos, sin)`` passes RoPE tables the caller owns (``EagerDenoiser`` keeps its own per
+    sequence length). Without it, tables are computed for the call and dropped: the model keeps
+    no table cache, since a cache on a module shared by several pipelines would be replaced under
+    a CUDA graph that reads the old tables.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.model = _Wrapper(cfg)
-        self._rope: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -121,23 +140,20 @@ class DimooModel(nn.Module):
         return t.wte.weight if self.cfg.weight_tying else t.ff_out.weight
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0] != seq_len or self._rope[1] != device:
-            cos, sin = rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
-            self._rope = (seq_len, device, cos, sin)
-        return self._rope[2], self._rope[3]
+        """Fresh cos, sin [seq_len, head_dim] fp32 for this model's head_dim and theta."""
+        return rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
 
-    def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, L, d]."""
         t = self.model.transformer
-        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
-        attn_mask = None
-        if key_mask is not None:  # [B, L] True = real token -> [B, 1, 1, L] for SDPA
-            attn_mask = key_mask.bool()[:, None, None, :]
-        return run_trunk(t.wte, t.blocks, t.ln_f, input_ids.long(), cos, sin, attn_mask)
+        cos, sin = rope if rope is not None else self.rope(input_ids.shape[1], input_ids.device)
+        return run_trunk(t.wte, t.blocks, t.ln_f, input_ids.long(), cos, sin, key_mask)
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
-                image_positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden(input_ids, key_mask)
+                image_positions: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = self.hidden(input_ids, key_mask, rope)
         if image_positions is None:
             return F.linear(h, self.head_weight)
         lay = self.cfg.layout

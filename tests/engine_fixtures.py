@@ -19,9 +19,11 @@ def run_cli_inproc(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
-def one_line_error(r, *needles) -> str:
-    """Exit code != 0, one non-empty line on stderr, no traceback, every needle in it."""
+def one_line_error(r, *needles, code: int | None = None) -> str:
+    """Exit code != 0 (``code`` if given), one non-empty line on stderr, no traceback, every needle in it."""
     assert r.exit_code != 0, r.output
+    if code is not None:
+        assert r.exit_code == code, (r.exit_code, r.output)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr

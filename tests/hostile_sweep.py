@@ -101,21 +101,8 @@ def make_fixtures(base: Path) -> dict[str, Path]:
     return {"tiny": tiny, "engine": eng / "e"}
 
 
-def linked(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_dir():
-            shutil.copytree(f, dst / f.name, symlinks=True)
-        else:
-            (dst / f.name).symlink_to(f.resolve())
-    return dst
-
-
-def owned(f: Path) -> Path:
-    data = f.read_bytes()
-    f.unlink()
-    f.write_bytes(data)
-    return f
+from test_hostile_inputs import link_copy as linked  # noqa: E402  (tests/ is this script's directory)
+from test_hostile_inputs import own as owned  # noqa: E402
 
 
 def cases(fx: dict[str, Path]) -> list[Case]:

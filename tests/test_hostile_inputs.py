@@ -20,29 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ladr_rt.cli import main
+from engine_fixtures import one_line_error, run_cli_inproc
 
 SMALL = ["--height", "48", "--width", "80", "--steps", "6", "--no-progress"]
 
 
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line_error(r, *needles: str, code: int | None = None) -> str:
-    """The contract: exit != 0 through click (SystemExit), one stderr line, no traceback."""
-    assert r.exit_code != 0, r.output
-    if code is not None:
-        assert r.exit_code == code, (r.exit_code, r.output)
-    assert isinstance(r.exception, SystemExit), f"uncaught {r.exception!r}"  # CliRunner keeps stray exceptions
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+cli = run_cli_inproc
 
 
 def listing(d: Path) -> list[str]:

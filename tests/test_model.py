@@ -130,3 +130,31 @@ def test_missing_dir_and_config(tmp_path):
     tmp_path.joinpath("empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         read_config(tmp_path / "empty")
+
+
+def test_each_denoiser_keeps_its_own_rope_tables(model):
+    """Two pipelines at different resolutions share one model: the tables the first one's
+    (possibly graph-captured) forward reads must keep their storage and values after the
+    second one runs, since a CUDA graph reads them by address."""
+    from ladr_rt.denoiser import EagerDenoiser
+
+    seen = []  # the cos table block 0 was handed, per forward
+    hook = model.model.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    runs = []
+    for L in (12, 20):
+        positions = torch.arange(4, L - 4)
+        ids, mask = torch.randint(0, 1000, (2, L)), torch.ones(2, L, dtype=torch.bool)
+        runs.append((EagerDenoiser(model, positions), ids, mask, torch.empty(2, len(positions), 8192)))
+    try:
+        den, ids, mask, out = runs[0]
+        den(ids, mask, out)
+        first = seen[-1]
+        ptr, values = first.data_ptr(), first.clone()
+        den2, ids2, mask2, out2 = runs[1]
+        den2(ids2, mask2, out2)
+        assert seen[-1].shape[0] == 20
+        den(ids, mask, out)
+    finally:
+        hook.remove()
+    assert seen[-1].data_ptr() == ptr, "the first denoiser's RoPE tables were replaced"
+    assert torch.equal(first, values) and torch.equal(seen[-1], values)

@@ -58,8 +58,9 @@ class EngineGraph(nn.Module):
         return cls(cfg, seq_len, image_positions, wte, blocks, ln_f, head).eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        mask = key_mask[:, None, None, :]  # [2B, 1, 1, L]: hides left-padding keys only
-        x = run_trunk(self.wte, self.blocks, self.ln_f, input_ids, self.cos, self.sin, mask)  # [2B, L, d]
+        # key_mask [2B, L] hides left-padding keys only; run_trunk turns it into one additive
+        # float bias for every layer (model.key_bias: a boolean mask would export an IsNaN guard).
+        x = run_trunk(self.wte, self.blocks, self.ln_f, input_ids, self.cos, self.sin, key_mask)  # [2B, L, d]
         h = x.index_select(1, self.positions)  # [2B, N, d]
         # The head runs in the model's dtype (as eager does); the engine boundary is fp32 so
         # every backend hands the sampler the same logits dtype.

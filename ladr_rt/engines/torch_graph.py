@@ -23,7 +23,6 @@ class TorchGraphDenoiser(EagerDenoiser):
             raise EngineError("the torch-graph backend needs a CUDA device (CUDA graphs); use the eager backend on CPU")
         self.graph: torch.cuda.CUDAGraph | None = None
         self._bound: tuple | None = None
-        self.stream = torch.cuda.Stream(self.device)
         self.cuda_graph = True  # False: plain eager calls (the pipeline sets it while it graphs the whole step)
 
     @torch.inference_mode()
@@ -33,13 +32,21 @@ class TorchGraphDenoiser(EagerDenoiser):
             return
         key = (input_ids.data_ptr(), key_mask.data_ptr(), out.data_ptr())
         if key != self._bound or self.graph is None:
-            cur = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(cur)
-            with torch.cuda.stream(self.stream):  # warm-up off the capture: lazy inits, autotuning
-                super().__call__(input_ids, key_mask, out)
-            self.stream.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=self.stream):
-                super().__call__(input_ids, key_mask, out)
-            self.graph, self._bound = g, key
-        self.graph.replay()
+            # The pipeline's capture code: warm-up and capture on one side stream, streams and
+            # the half-made graph cleaned up when capture fails.
+            from ..pipeline import CUDA_GRAPHS
+
+            self.graph = None
+            try:
+                self.graph = CUDA_GRAPHS.capture(lambda: EagerDenoiser.__call__(self, input_ids, key_mask, out),
+                                                 self.device)
+            except Exception as e:
+                import warnings
+
+                warnings.warn(f"CUDA-graph capture of the torch-graph evaluation failed ({type(e).__name__}: "
+                              f"{str(e).strip()[:160]}); running it eagerly", RuntimeWarning, stacklevel=2)
+                self.cuda_graph = False
+                super().__call__(input_ids, key_mask, out)  # this call's result, whatever the failure left in `out`
+                return
+            self._bound = key
+        self.graph.replay()  # on the current stream

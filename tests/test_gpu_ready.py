@@ -1,0 +1,476 @@
+"""GPU readiness (issue 13): the whole-step graph's cache, reseeding and capture fallback,
+per-denoiser RoPE tables under a graph, the exported attention mask, and the one-command GPU
+check (bench/gpu_check.py).
+
+The CPU tests run the pipeline's capture logic against stand-ins for ``torch.cuda`` (the
+``LadrPipeline.graphs`` seam, or the real seam over faked ``torch.cuda`` pieces); the
+``@pytest.mark.gpu`` tests run the same paths on a real device and skip here. No model
+weights or tokenizer files: a 1-layer random model in DiMOO's layout and the bench's
+synthetic tokenizer keep these tests fast and free of diffusers.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import time
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from ladr_rt.config import ImageSpec, SamplerConfig, TokenLayout
+from ladr_rt.denoiser import EagerDenoiser
+from ladr_rt.pipeline import CudaGraphs, LadrPipeline
+from ladr_rt.samplers import make_sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle above a blue square"
+SPEC = ImageSpec(32, 48, 32)  # 2 x 3 codes, L = 32 + 2 + 2 * 4 + 2 = 44
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def latency():
+    return _load("latency")
+
+
+def tiny_model(device="cpu", dtype=torch.float32, seed=0, codebook: int = 64):
+    """One block, tied head. The CPU tests use a 64-entry codebook (the sampler's work scales
+    with it; the capture logic does not); the GPU tests use DiMOO's 8192."""
+    from ladr_rt.model import DimooModel
+    from ladr_rt.tiny import tiny_config
+
+    torch.manual_seed(seed)
+    layout = TokenLayout(codebook=codebook)
+    cfg = tiny_config(n_layers=1, weight_tying=True, layout=layout, vocab_size=layout.image_offset + codebook)
+    return DimooModel(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class GraphSafeEager(EagerDenoiser):
+    """The eager denoiser declared capturable (it has no host sync), so the CPU tests reach the
+    capture path; TorchGraphDenoiser is the real one and needs CUDA."""
+
+    graph_safe = True
+
+
+def make_pipe(latency, model, graph_safe: bool, spec: ImageSpec = SPEC) -> LadrPipeline:
+    from ladr_rt.tokens import SequenceLayout
+
+    seq = SequenceLayout(spec, model.cfg.layout)
+    den = (GraphSafeEager if graph_safe else EagerDenoiser)(model, seq.image_positions)
+    return LadrPipeline(den, latency.SyntheticTokenizer(), None, model.cfg.layout, spec, batch=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+class FakeGraph:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+class RecordingGraphs(CudaGraphs):
+    """Capture by recording: the "graph" replays the Python step it was captured from, as a CUDA
+    graph replays the kernels of its first capture (never the new sampler object's). The warm-up
+    and the capture's Python both really execute here, so the pipeline must undo both."""
+
+    def __init__(self):
+        self.generators = []  # the generator each capture registered
+
+    def usable(self, device):
+        return True
+
+    def synchronize(self, device):
+        pass
+
+    def capture(self, fn, device, generator=None):
+        self.generators.append(generator)
+        fn()
+        fn()
+        return FakeGraph(fn)
+
+
+def _same_run(a, b):
+    (ca, ta, ea, _), (cb, tb, eb, _) = a, b
+    assert torch.equal(ca, cb) and ea == eb
+    assert ta["masked"] == tb["masked"] and ta["rescued"] == tb["rescued"]
+
+
+# ------------------------------------------------------------------ item 8: graph cache
+
+
+def test_step_graph_is_captured_once_per_config_and_reseeded_in_place(latency, model):
+    pipe, plain = make_pipe(latency, model, True), make_pipe(latency, model, False)
+    graphs = pipe.graphs = RecordingGraphs()
+    ladr = SamplerConfig(name="ladr", steps=5, temperature=1.0, cfg=2.0)
+    runs = {}
+    for seed in (0, 1, 0):
+        got = pipe.generate_codes(PROMPT, dataclasses.replace(ladr, seed=seed))
+        _same_run(got, plain.generate_codes(PROMPT, dataclasses.replace(ladr, seed=seed)))
+        runs.setdefault(seed, []).append(got)
+    assert len(graphs.generators) == 1, "a second call captured the step again"
+    assert graphs.generators[0] is pipe.state.gen  # replays must draw from the sampler's generator
+    assert runs[0][0][1]["capture_seconds"] > 0
+    assert runs[1][0][1]["capture_seconds"] == 0.0 and runs[0][1][1]["capture_seconds"] == 0.0
+    assert not torch.equal(runs[0][0][0], runs[1][0][0]), "the seed did not reach the replayed steps"
+
+    # another config has a graph of its own; the first one's is still there afterwards
+    greedy = SamplerConfig(name="baseline", steps=5, temperature=0.0, cfg=2.0)
+    _same_run(pipe.generate_codes(PROMPT, greedy), plain.generate_codes(PROMPT, greedy))
+    assert len(graphs.generators) == 2 and graphs.generators[1] is pipe.state.gen
+    pipe.generate_codes(PROMPT, ladr)
+    assert len(graphs.generators) == 2
+
+    # another T means another run-state: graphs bound to the old one are dropped, not replayed
+    short = dataclasses.replace(ladr, steps=4)
+    _same_run(pipe.generate_codes(PROMPT, short), plain.generate_codes(PROMPT, short))
+    _same_run(pipe.generate_codes(PROMPT, ladr), plain.generate_codes(PROMPT, ladr))
+    assert len(graphs.generators) == 4
+
+
+# ------------------------------------------------------------------ item 7: capture fallback
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream and graph entry points, faked on the CPU, so that the real
+    ``CudaGraphs.capture`` runs. ``torch.cuda.graph`` is faked as torch writes it: when
+    capture_end raises, its stream is left current."""
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            pass
+
+    st = types.SimpleNamespace(current=Stream(name="default"), resets=0, graph=None)
+    st.default = st.current
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: st.current)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(st, "current", s))
+
+    @contextlib.contextmanager
+    def stream(s):
+        prev, st.current = st.current, s
+        try:
+            yield
+        finally:
+            st.current = prev
+
+    class graph:
+        def __init__(self, g, pool=None, stream=None, **kw):
+            self.g, self.stream = g, stream
+
+        def __enter__(self):
+            self.prev, st.current = st.current, self.stream
+
+        def __exit__(self, *exc):
+            self.g.capture_end()
+            st.current = self.prev
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return st
+
+
+class CpuCudaGraphs(CudaGraphs):
+    """The real capture code; only the device test and the synchronize are CPU ones."""
+
+    def usable(self, device):
+        return True
+
+    def synchronize(self, device):
+        pass
+
+
+def _graph_class(st, register: bool, end_error: Exception | None):
+    class Graph:
+        def capture_end(self):
+            if end_error is not None:
+                raise end_error
+
+        def reset(self):
+            st.resets += 1
+
+        def replay(self):
+            raise AssertionError("a failed capture must never be replayed")
+
+    if register:
+        Graph.register_generator_state = lambda self, gen: None
+    return Graph
+
+
+@pytest.mark.parametrize("register,end_error,needle", [
+    (False, None, "register_generator_state"),  # a torch without the method: refuse, do not capture
+    (True, ValueError("operation not permitted when stream is capturing"), "ValueError"),  # not a RuntimeError
+])
+def test_failed_capture_warns_restores_everything_and_runs_plain_steps(latency, model, fake_cuda, monkeypatch,
+                                                                       register, end_error, needle):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _graph_class(fake_cuda, register, end_error))
+    pipe, plain = make_pipe(latency, model, True), make_pipe(latency, model, False)
+    pipe.graphs = CpuCudaGraphs()
+    cfg = SamplerConfig(name="ladr", steps=5, temperature=1.0, cfg=2.0, seed=3)
+
+    from ladr_rt.tokens import build_rows
+
+    ids, mask = build_rows(pipe.tokenizer, [PROMPT], pipe.seq)
+    pipe.ids.copy_(ids)
+    pipe.key_mask.copy_(mask)
+    state = pipe._state(cfg.steps)
+    state.reset(cfg.seed)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    ids_before, gen_before, old_gen = pipe.ids.clone(), state.gen.get_state(), state.gen
+    with pytest.warns(RuntimeWarning, match=needle):
+        run = pipe.step_runner(make_sampler(cfg, state))
+    # the warm-up and the capture body both ran a real step; nothing of them may remain
+    for k, v in state.tensors().items():  # bit for bit: scratch buffers may hold NaN patterns
+        assert torch.equal(v.reshape(-1).view(torch.uint8), before[k].reshape(-1).view(torch.uint8)), k
+    assert torch.equal(pipe.ids, ids_before) and torch.equal(state.gen.get_state(), gen_before)
+    assert state.gen is not old_gen  # a fresh generator: the old one took part in an unfinished capture
+    assert fake_cuda.current is fake_cuda.default, "the capture stream was left current"
+    assert fake_cuda.resets == 1  # the half-made graph was reset
+    run()
+    assert int(state.step) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per key: no second attempt, no second warning
+        pipe.step_runner(make_sampler(cfg, state))
+    # and a whole run falls back to exactly the plain run
+    pipe2 = make_pipe(latency, model, True)
+    pipe2.graphs = CpuCudaGraphs()
+    with pytest.warns(RuntimeWarning, match=needle):
+        got = pipe2.generate_codes(PROMPT, cfg)
+    _same_run(got, plain.generate_codes(PROMPT, cfg))
+    assert got[1]["capture_seconds"] > 0
+
+
+# ------------------------------------------------------------------ the GPU check's smoke run
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _load("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def smoke(gpu_check, tmp_path_factory):
+    """bench/gpu_check.py --smoke once, in-process: every stage on the CPU at tiny size."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    mod = gpu_check
+    rc = mod.main(["--smoke", "--out", str(out)])
+    files = {p.name: p for p in out.iterdir()}
+    js = {k: json.loads(p.read_text()) for k, p in files.items() if k.endswith(".json")}
+    return types.SimpleNamespace(rc=rc, out=out, files=files, json=js, mod=mod)
+
+
+def test_gpu_check_smoke_writes_every_stage(smoke):
+    assert smoke.rc == 0
+    assert set(smoke.files) == {"gpu_check.log", "stage1.json", "stage2.json", "stage3.json", "summary.json"}
+    summary = smoke.json["summary.json"]
+    assert summary["bench"] == "gpu-check" and summary["smoke"] is True
+    assert [s["stage"] for s in summary["stages"]] == [1, 2, 3]
+    assert all(s["status"] in ("ok", "skipped") for s in summary["stages"]), summary["stages"]
+    assert summary["total_s"] < summary["deadline_s"]
+    # stage 1 ran pytest's gpu subset: here every test skips with the no-CUDA reason
+    s1 = smoke.json["stage1.json"]
+    assert s1["collected"] >= 4 and s1["outcomes"].get("skipped", 0) == s1["collected"], s1["outcomes"]
+    assert all("CUDA" in t["message"] for t in s1["tests"])
+    # stage 2: the latency table's rows, the official-style one as the reference
+    s2 = smoke.json["stage2.json"]
+    rows = {r["backend"]: r for r in s2["rows"]}
+    assert set(rows) == {"official", "eager"}
+    assert {s["backend"] for s in s2["skipped"]} == {"torch-graph", "tensorrt"}
+    off = rows["official"]
+    lc, lu = off["official_lengths"]
+    assert lu < lc < off["seq_len"] and off["logits_dtype"] == "float32"  # unpadded rows, uncond shorter
+    assert off["flops_per_eval"] > rows["eager"]["flops_per_eval"]  # full-vocabulary head
+    sp = s2["speedup_vs_official"]
+    assert sp[f"{rows['eager']['resolution']}/official"]["baseline_4_modelled"] == pytest.approx(1.0)
+    assert all(v > 0 for d in sp.values() for v in d.values())
+    assert "baseline" in off["end_to_end_measured"] and "ladr" not in off["end_to_end_measured"]
+    last = json.loads(smoke.files["gpu_check.log"].read_text().strip().splitlines()[-1])  # stdout's last line too
+    assert last["bench"] == "gpu-check" and [s["status"] for s in last["stages"]] == [s["status"] for s in
+                                                                                       summary["stages"]]
+    # a package the check needs and this machine lacks is named with the command that fetches it
+    assert all("pip download" in w["how"] for w in summary["missing_wheels"])
+
+
+def test_gpu_check_child_past_its_timeout_is_stopped(gpu_check, tmp_path):
+    """The device call has a hard limit: a stage that hangs (a stuck CUDA call, say) must be
+    interrupted, then killed, and the check must go on."""
+    import sys
+
+    c = gpu_check.Check(tmp_path, smoke=True, deadline_s=30)
+    code = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('started', flush=True); "
+            "time.sleep(60)")  # ignores the interrupt: only the kill ends it
+    t0 = time.perf_counter()
+    rc, timed_out = c.child([sys.executable, "-c", code], timeout=1.0, grace=0.2)
+    assert timed_out and rc != 0 and time.perf_counter() - t0 < 10
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "started" in log and "killed the child" in log
+
+
+def test_exported_attention_has_no_isnan_guard_and_matches_eager(smoke):
+    """Item 10, through stage 3: the tiny EngineGraph exported by ``build.export_onnx`` has an
+    additive key bias (no Softmax -> IsNaN -> Where), and onnxruntime matches eager."""
+    s3 = smoke.json["stage3.json"]
+    onnx_part = s3["onnx"]
+    assert onnx_part["ops"].get("Softmax", 0) >= 1  # the attention is there
+    assert onnx_part["ops"].get("IsNaN", 0) == 0, onnx_part["ops"]
+    assert onnx_part["parity"]["rel_err"] < 1e-4 and onnx_part["parity"]["top1"] == 1.0
+    assert onnx_part["padded_rows"] == 2  # both rows had masked keys, so the bias was exercised
+    assert s3["tensorrt"].startswith("skipped")
+
+
+# ------------------------------------------------------------------ GPU (skip here with the reason)
+
+
+def _cuda_pipe(latency, graph: bool, spec: ImageSpec = SPEC, dtype=torch.float32):
+    from ladr_rt.engines.torch_graph import TorchGraphDenoiser
+    from ladr_rt.tokens import SequenceLayout
+
+    model = tiny_model("cuda", dtype, codebook=8192)
+    seq = SequenceLayout(spec, model.cfg.layout)
+    den = (TorchGraphDenoiser if graph else EagerDenoiser)(model, seq.image_positions)
+    return LadrPipeline(den, latency.SyntheticTokenizer(), None, model.cfg.layout, spec, batch=1)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_plain_step_makes_no_host_sync(latency):
+    """A whole step (write tokens, evaluation, LADR sampler) under sync-debug 'error': any
+    host read or implicit synchronize inside it raises."""
+    from ladr_rt.tokens import build_rows
+
+    pipe = _cuda_pipe(latency, graph=False)
+    ids, mask = build_rows(pipe.tokenizer, [PROMPT], pipe.seq)
+    pipe.ids.copy_(ids)
+    pipe.key_mask.copy_(mask)
+    for name in ("ladr", "baseline"):
+        state = pipe._state(6)
+        state.reset(0)
+        sampler = make_sampler(SamplerConfig(name=name, steps=6, temperature=1.0, cfg=2.0), state)
+        pipe.step(sampler)  # first call outside the check: lazy inits may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                pipe.step(sampler)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert int(state.step) == 4
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_step_graph_replays_equal_eager_steps_for_new_seeds(latency, temperature):
+    """Captured once, replayed for three seeds: bit for bit the plain eager steps of each seed."""
+    plain, graphed = _cuda_pipe(latency, graph=False), _cuda_pipe(latency, graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture falls back with a warning: fail here
+        for i, seed in enumerate((5, 6, 5)):
+            cfg = SamplerConfig(name="ladr", steps=8, temperature=temperature, cfg=2.0, seed=seed)
+            got = graphed.generate_codes(PROMPT, cfg)
+            _same_run(got, plain.generate_codes(PROMPT, cfg))
+            assert (got[1]["capture_seconds"] > 0) == (i == 0)
+    assert len(graphed._graphs.entries) == 1
+    assert graphed.denoiser.graph is None  # the step graph holds the evaluation; no second graph
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_torch_graph_denoiser_equals_eager_and_survives_a_second_resolution(latency):
+    """Evaluation replay == eager exactly, and still so after another pipeline at another size
+    ran on the same model (its RoPE tables are the denoiser's own, item 9)."""
+    from ladr_rt.engines.torch_graph import TorchGraphDenoiser
+    from ladr_rt.tokens import SequenceLayout, build_rows
+
+    model = tiny_model("cuda", codebook=8192)
+    outs = []
+    for spec in (SPEC, ImageSpec(48, 48, 32)):
+        seq = SequenceLayout(spec, model.cfg.layout)
+        ids, mask = build_rows(latency.SyntheticTokenizer(), [PROMPT], seq)
+        ids, mask = ids.cuda(), mask.cuda()
+        ref = torch.empty(2, seq.n_image, 8192, device="cuda")
+        EagerDenoiser(model, seq.image_positions)(ids, mask, ref)
+        den = TorchGraphDenoiser(model, seq.image_positions)
+        out = torch.empty_like(ref)
+        for _ in range(3):
+            den(ids, mask, out)
+        outs.append((den, ids, mask, ref, out))
+    torch.cuda.synchronize()
+    for den, ids, mask, ref, out in outs:
+        assert den.graph is not None and torch.equal(out, ref)
+    den, ids, mask, ref, out = outs[0]
+    out.zero_()
+    den(ids, mask, out)  # replay of the first graph after the second was captured
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_real_capture_failure_cleans_up_and_falls_back(latency):
+    """A denoiser that claims graph_safe but reads the host inside the capture: the capture
+    fails on the device; the warning, restored state and stream, and plain steps follow."""
+    plain, pipe = _cuda_pipe(latency, graph=False), _cuda_pipe(latency, graph=False)
+
+    class Liar(EagerDenoiser):
+        graph_safe = True
+
+        def __call__(self, ids, mask, out):
+            super().__call__(ids, mask, out)
+            float(out[0, 0, 0])  # a host read: illegal while the stream captures
+
+    pipe.denoiser = Liar(pipe.denoiser.model, pipe.seq.image_positions)
+    cfg = SamplerConfig(name="ladr", steps=6, temperature=1.0, cfg=2.0, seed=1)
+    cur = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="capture of the step failed"):
+        got = pipe.generate_codes(PROMPT, cfg)
+    assert torch.cuda.current_stream() == cur and not torch.cuda.is_current_stream_capturing()
+    _same_run(got, plain.generate_codes(PROMPT, cfg))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_torch_graph_denoiser_capture_failure_warns_and_runs_eagerly(latency):
+    from ladr_rt.engines.torch_graph import TorchGraphDenoiser
+    from ladr_rt.tokens import SequenceLayout, build_rows
+
+    model = tiny_model("cuda", codebook=8192)
+    seq = SequenceLayout(SPEC, model.cfg.layout)
+    ids, mask = (t.cuda() for t in build_rows(latency.SyntheticTokenizer(), [PROMPT], seq))
+    ref, out = (torch.empty(2, seq.n_image, 8192, device="cuda") for _ in range(2))
+    EagerDenoiser(model, seq.image_positions)(ids, mask, ref)
+    def host_read_when_capturing(module, args, output):  # the capture fails on the device
+        if torch.cuda.is_current_stream_capturing():
+            float(output.reshape(-1)[0])
+
+    model.register_forward_hook(host_read_when_capturing)
+    den = TorchGraphDenoiser(model, seq.image_positions)
+    cur = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="torch-graph evaluation failed"):
+        den(ids, mask, out)
+    assert den.cuda_graph is False and den.graph is None
+    assert torch.cuda.current_stream() == cur and not torch.cuda.is_current_stream_capturing()
+    den(ids, mask, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
