@@ -230,7 +230,8 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
     if "--trace" in paths:
         trace = {"sampler": sampler, "steps": steps, "cfg": res.trace["cfg"], "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
-                 "decode_seconds": res.decode_seconds, "masked": res.trace["masked"][0],
+                 "decode_seconds": res.decode_seconds, "capture_seconds": res.trace.get("capture_seconds", 0.0),
+                 "masked": res.trace["masked"][0],
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}
         files.append((paths["--trace"], (json.dumps(trace, indent=1) + "\n").encode()))
     try:
