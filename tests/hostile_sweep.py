@@ -102,7 +102,11 @@ def make_fixtures(base: Path) -> dict[str, Path]:
 
 
 from test_hostile_inputs import link_copy as linked  # noqa: E402  (tests/ is this script's directory)
-from test_hostile_inputs import own as owned  # noqa: E402
+from test_hostile_inputs import own  # noqa: E402
+
+
+def owned(f: Path) -> Path:
+    return own(f.parent, f.name)
 
 
 def cases(fx: dict[str, Path]) -> list[Case]:
