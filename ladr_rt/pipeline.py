@@ -93,10 +93,11 @@ class CudaGraphs:
 class StepGraphs:
     """A pipeline's whole-step graphs, one per (sampler and its config less the seed, T, batch).
 
-    A graph reads and writes the run-state, the pipeline's buffers and the generator by address,
-    so the cache holds only graphs captured against the objects it is bound to: binding to
-    another run-state, generator or denoiser drops every entry. The seed is left out of the key
-    because a replay reads the generator's current seed (RunState.reset reseeds it in place)."""
+    A graph reads and writes the run-state, the pipeline's buffers and the slots' generators by
+    address, so the cache holds only graphs captured against the objects it is bound to: binding
+    to another run-state, generator or denoiser drops every entry. The seed is left out of the key
+    because a replay reads each generator's current seed (RunState.reset and RunState.admit
+    reseed them in place)."""
 
     max_entries = 4  # each graph keeps a private memory pool (a step's intermediates)
 

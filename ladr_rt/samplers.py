@@ -110,8 +110,8 @@ class RunState:
             if not 1 <= steps <= self.T:
                 raise ValueError(f"a slot's steps must be between 1 and the run-state's T = {self.T}, got {steps}")
             self.steps[b], self.steps_f32[b], self.steps_f64[b] = steps, float(steps), float(steps)
-            self.cfg_hi[b] = 1 + guidance  # the double 1 + s, rounded to float32 as `x.mul_(1 + s)` rounds it
-            self.cfg_lo[b] = guidance
+            self.cfg_hi[b] = f32(1 + guidance)  # the double 1 + s, rounded to float32 as `x.mul_(1 + s)` rounds it
+            self.cfg_lo[b] = f32(guidance)
         self.own[b] = steps is not None
         self.z[b].fill_(self.mask_id)
         self.M[b].fill_(True)
@@ -170,6 +170,11 @@ class RunState:
         }
 
 
+def f32(x: float) -> float:
+    """x rounded to float32 (a huge finite x becomes inf, as a float32 multiply by it would)."""
+    return torch.tensor(x, dtype=torch.float64).float().item()
+
+
 def gumbel_(u: torch.Tensor) -> torch.Tensor:
     """Uniform noise -> Gumbel(0, 1) in place (the official formula's 1e-20 guards)."""
     return u.add_(1e-20).log_().neg_().add_(1e-20).log_().neg_()
@@ -182,6 +187,8 @@ class Sampler:
 
     def __init__(self, cfg: SamplerConfig, state: RunState):
         self.cfg, self.s = cfg, state
+        if cfg.cfg is not None:  # the batch's guidance factors, rounded once as a scalar multiply rounds them
+            self.cfg_lo32, self.cfg_hi32 = f32(cfg.cfg), f32(1 + cfg.cfg)
 
     def predict(self, logits: torch.Tensor, need_margin: bool) -> None:
         s, cfg, B = self.s, self.cfg, self.s.B
@@ -191,8 +198,8 @@ class Sampler:
         # The batch config decides whether guidance runs at all; each slot has its own scale
         # (cfg_hi/cfg_lo [B, 1, 1]; a slot at 0 gets l_cond back exactly for finite logits).
         if cfg.cfg > 0:
-            lo = torch.where(s.own.view(B, 1, 1), s.cfg_lo, cfg.cfg)  # [B, 1, 1]; the scalar rounds as in mul_
-            hi = torch.where(s.own.view(B, 1, 1), s.cfg_hi, 1 + cfg.cfg)  # [B, 1, 1]
+            lo = torch.where(s.own.view(B, 1, 1), s.cfg_lo, self.cfg_lo32)  # [B, 1, 1]
+            hi = torch.where(s.own.view(B, 1, 1), s.cfg_hi, self.cfg_hi32)  # [B, 1, 1]
             s.u.copy_(logits[B:]).mul_(lo)
             s.l.mul_(hi).sub_(s.u)
         # One fp32 reduction per row flags NaN/inf (inf - inf and NaN propagate into the sum);

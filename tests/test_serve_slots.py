@@ -132,6 +132,19 @@ def test_idle_slot_is_inert_and_admission_touches_only_its_slot(name):
     assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs, "admission/retire moved a state tensor"
 
 
+def test_non_finite_logits_stop_only_their_slot():
+    st = RunState(2, H, W, K, T, MASK_ID, "cpu")
+    sampler = make_sampler(SamplerConfig(name="ladr", steps=T, cfg=2.0, temperature=1.0), st)
+    logits = torch.randn(4, st.N, K) * 0.5
+    logits[3, 4, 1] = float("inf")  # slot 1's uncond row
+    sampler.step(logits)
+    assert st.nonfinite.tolist() == [False, True] and st.read_done() == [False, True]
+    assert not st.keep_going(), "a whole-batch call still stops at the first NaN/inf"
+    st.retire(1)
+    st.admit(1, seed=0)
+    assert st.nonfinite.tolist() == [False, False], "a new request starts clean"
+
+
 def test_admission_refuses_a_longer_schedule_than_the_state():
     st = RunState(2, H, W, K, T, MASK_ID, "cpu")
     with pytest.raises(ValueError, match="between 1 and"):
