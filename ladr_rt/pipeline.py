@@ -56,8 +56,10 @@ class CudaGraphs:
 
         Warm-up and capture share one side stream: cuBLAS workspaces and allocator blocks are
         per stream, so a warm-up elsewhere would leave their lazy creation inside the capture.
-        ``generator``: the one generator ``fn`` draws from, registered so that each replay reads
-        its current seed and offset and then advances it (None: ``fn`` draws nothing)."""
+        ``generator``: the generator ``fn`` draws from, or a sequence of them (one per slot),
+        each registered so that each replay reads its current seed and offset and then advances
+        it (None: ``fn`` draws nothing). A CUDAGraph takes several registered generators; a
+        replay advances each by what the capture drew from it."""
         cur = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(cur)
@@ -70,7 +72,8 @@ class CudaGraphs:
                 if not hasattr(graph, "register_generator_state"):
                     raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
                                        "replays could not draw fresh noise from the sampler's generator")
-                graph.register_generator_state(generator)
+                for g in (generator if isinstance(generator, (list, tuple)) else (generator,)):
+                    graph.register_generator_state(g)
             with torch.cuda.graph(graph, stream=side):
                 fn()
         except BaseException:
@@ -90,10 +93,11 @@ class CudaGraphs:
 class StepGraphs:
     """A pipeline's whole-step graphs, one per (sampler and its config less the seed, T, batch).
 
-    A graph reads and writes the run-state, the pipeline's buffers and the generator by address,
-    so the cache holds only graphs captured against the objects it is bound to: binding to
-    another run-state, generator or denoiser drops every entry. The seed is left out of the key
-    because a replay reads the generator's current seed (RunState.reset reseeds it in place)."""
+    A graph reads and writes the run-state, the pipeline's buffers and the slots' generators by
+    address, so the cache holds only graphs captured against the objects it is bound to: binding
+    to another run-state, generator or denoiser drops every entry. The seed is left out of the key
+    because a replay reads each generator's current seed (RunState.reset and RunState.admit
+    reseed them in place)."""
 
     max_entries = 4  # each graph keeps a private memory pool (a step's intermediates)
 
@@ -139,6 +143,7 @@ class LadrPipeline:
         self.logits = torch.empty(2 * B, N, layout.codebook, dtype=denoiser.logits_dtype, device=dev)  # [2B, N, K]
         self.tok_scratch = torch.empty(B, N, dtype=denoiser.ids_dtype, device=dev)  # [B, N]
         self.state: RunState | None = None
+        self.owner = None  # the serve.Scheduler that holds the slots, if any (then calls are refused)
         # One call at a time: the buffers above and the run-state are shared by every call, so
         # two threads stepping at once would interleave and corrupt each other's images.
         self._lock = threading.Lock()
@@ -215,7 +220,7 @@ class LadrPipeline:
         return self.state
 
     def step(self, sampler) -> None:
-        """One evaluation + one sampler step, all on the device."""
+        """One evaluation + one sampler step for every slot, all on the device."""
         s = sampler.s
         write_image_tokens(self.ids, self.positions, s.z, s.M, self.layout, self.tok_scratch)
         self.denoiser(self.ids, self.key_mask, self.logits)
@@ -242,13 +247,13 @@ class LadrPipeline:
         den, s = self.denoiser, sampler.s
         if not (getattr(den, "graph_safe", False) and self.graphs.usable(den.device)):
             return lambda: self.step(sampler)
-        self._graphs.bind(s, s.gen, den)
+        self._graphs.bind(s, *s.gens, den)
         key = StepGraphs.key(sampler)
         if key not in self._graphs.entries:
             t0 = time.perf_counter()
             graph = self._capture_step(sampler)
             self.capture_seconds = time.perf_counter() - t0
-            self._graphs.bind(s, s.gen, den)  # a failed capture replaced the generator: older graphs are stale
+            self._graphs.bind(s, *s.gens, den)  # a failed capture replaced the generators: older graphs are stale
             self._graphs.put(key, graph)
         graph = self._graphs.entries[key]
         return graph.replay if graph is not None else (lambda: self.step(sampler))
@@ -259,7 +264,7 @@ class LadrPipeline:
 
         s, dev = sampler.s, self.denoiser.device
         snapshot = {k: v.clone() for k, v in s.tensors().items()}
-        ids, gen_state = self.ids.clone(), s.gen.get_state()
+        ids, gen_states = self.ids.clone(), [g.get_state() for g in s.gens]
         own_graph = getattr(self.denoiser, "cuda_graph", None)  # switched off here, restored in `finally`
         if own_graph is not None:
             self.denoiser.cuda_graph = False
@@ -267,7 +272,7 @@ class LadrPipeline:
         try:
             # The generator is registered whether or not this config draws from it (a graph that
             # draws nothing advances it by 0): no sampler can then replay frozen noise.
-            graph = self.graphs.capture(lambda: self.step(sampler), dev, s.gen)
+            graph = self.graphs.capture(lambda: self.step(sampler), dev, s.gen if s.B == 1 else tuple(s.gens))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             warnings.warn(f"CUDA-graph capture of the step failed ({type(e).__name__}: {first}); running steps "
@@ -275,16 +280,58 @@ class LadrPipeline:
             # The generator took part in a capture that did not finish, and some torch versions
             # leave it flagged as capturing (every later draw would raise): continue on a fresh
             # generator holding the saved state.
-            s.gen = torch.Generator(device=s.gen.device)
+            s.gens[:] = [torch.Generator(device=g.device) for g in s.gens]
         finally:
             if own_graph is not None:
                 self.denoiser.cuda_graph = own_graph
             for k, v in snapshot.items():
                 getattr(s, k).copy_(v)
             self.ids.copy_(ids)
-            s.gen.set_state(gen_state)
+            for g, st in zip(s.gens, gen_states):
+                g.set_state(st)
             self.graphs.synchronize(dev)
         return graph
+
+    # ------------------------------------------------------------------ slots (serve/scheduler.py)
+
+    def prompt_rows(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt's cond and uncond rows, checked: ids [2, L], key_mask [2, L] (host work,
+        done before a slot is taken)."""
+        ids, key_mask = build_rows(self.tokenizer, [prompt], self.seq)
+        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
+                             "(config.json): the tokenizer files belong to another model")
+        return ids, key_mask
+
+    def open_slots(self, cfg: SamplerConfig):
+        """A run-state of ``batch`` idle slots and the sampler that steps them (``cfg`` fixes
+        the sampler kind, temperature and T's upper bound for the batch). Idle rows hold the
+        unconditional prompt so that their (discarded) evaluation stays finite."""
+        state = self._state(cfg.steps)
+        state.reset(cfg.seed)
+        ids, key_mask = self.prompt_rows(None)
+        self.ids.copy_(ids[1:].expand_as(self.ids))
+        self.key_mask.copy_(key_mask[1:].expand_as(self.key_mask))
+        for b in range(self.batch):
+            state.retire(b)
+        return make_sampler(cfg, state, self.default_cfg)
+
+    def admit(self, state: RunState, slot: int, rows: tuple[torch.Tensor, torch.Tensor], seed: int,
+              steps: int | None = None, guidance: float | None = None) -> None:
+        """Between steps: slot ``slot`` takes a request (its ``prompt_rows``) — its cond and
+        uncond rows of ids/key_mask written, its run-state row reset and seeded. Nothing else moves."""
+        ids, key_mask = rows
+        B = self.batch
+        for r, row in ((slot, 0), (B + slot, 1)):
+            self.ids[r].copy_(ids[row])
+            self.key_mask[r].copy_(key_mask[row])
+        state.admit(slot, seed, steps, guidance)
+
+    def decode(self, codes: torch.Tensor) -> list:
+        """codes [n, H, W] -> PIL images."""
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in to_uint8(self.vq.decode(codes))]
 
     def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
         dev = self.denoiser.device
@@ -294,6 +341,9 @@ class LadrPipeline:
             return self._generate_codes(prompts, cfg, progress)
 
     def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
+        if self.owner is not None:
+            raise RuntimeError("this pipeline's slots belong to a serve.Scheduler: submit the prompt to it, or close "
+                               "the scheduler first")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")

@@ -21,8 +21,8 @@ def gamma_inv(rho: torch.Tensor) -> torch.Tensor:
     return torch.arccos(rho) * (2 / math.pi)
 
 
-def ladr_keep(n_masked: torch.Tensor, N: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n_masked [B] long -> (n_keep [B] long, t_eff [B] float64)."""
+def ladr_keep(n_masked: torch.Tensor, N: int, T) -> tuple[torch.Tensor, torch.Tensor]:
+    """n_masked [B] long, T an int or [B] float64 (each slot's) -> (n_keep [B] long, t_eff [B] float64)."""
     rho = n_masked.double() / N
     t_eff = gamma_inv(rho)
     t_next = torch.clamp(t_eff + 1.0 / T, max=1.0)
@@ -31,10 +31,11 @@ def ladr_keep(n_masked: torch.Tensor, N: int, T: int) -> tuple[torch.Tensor, tor
     return n_keep, t_eff
 
 
-def baseline_keep(n0: torch.Tensor, step: torch.Tensor, T: int) -> torch.Tensor:
+def baseline_keep(n0: torch.Tensor, step: torch.Tensor, T) -> torch.Tensor:
     """Official keep count: floor(N0 * cos(pi/2 * (s+1)/T)) in float32, >= 1 before the last step.
 
-    n0 [B] long (masks at the start); step [] long (0-based) -> [B] long.
+    n0 [B] long (masks at the start); step [] or [B] long (0-based); T an int or [B] float32
+    (each slot's; float32 is what the int is rounded to in the division) -> [B] long.
     """
     ratio = (step.float() + 1) / T
     keep = torch.floor(n0.float() * torch.cos(ratio * (math.pi / 2))).long()

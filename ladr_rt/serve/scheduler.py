@@ -1,0 +1,257 @@
+"""A scheduler that owns one pipeline's B slots (vLLM / nano-vllm style, one image per slot).
+
+    sched = Scheduler(LadrPipeline.from_pretrained(batch=4), SamplerConfig(name="ladr", steps=64))
+    fut = sched.submit("a red circle above a blue square", seed=3)   # any thread
+    fut.result().image.save("out.png")
+    sched.close()
+
+Each iteration: admit waiting requests into free slots (device writes between steps), run
+one step for all B slots (the pipeline's own step, replayed from one CUDA graph where the
+denoiser allows), read the ``[B]`` done flags (the one host read), VQ-decode the finished
+slots, complete their futures and retire the slots. A request's image depends only on its
+prompt, seed, steps and guidance (each slot has its own noise stream and schedule), so the
+mode changes when requests run, never what they produce:
+
+- ``continuous``: a free slot takes the next request at any step;
+- ``static``: requests are admitted only into an all-free batch (the batch runs to its
+  slowest member);
+- ``sequential``: one request at a time (a B = 1 pipeline).
+
+The sampler kind, temperature, its parameters and whether guidance runs at all are fixed
+per scheduler (one step graph); ``steps`` (up to the scheduler's) and the guidance scale are
+per request.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import SamplerConfig
+from ..pipeline import NONFINITE_HINT, LadrPipeline, NonFiniteLogits
+from ..samplers import resolve
+
+MODES = ("continuous", "static", "sequential")
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's request queue is at its bound; the request was not taken."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler was closed before the request ran."""
+
+
+@dataclass
+class ServeResult:
+    image: object  # PIL image
+    codes: np.ndarray  # [H, W] int64 final code grid
+    trace: dict  # this request's masked / rescued / t_eff per step
+    evaluations: int  # steps the request's slot took
+    slot: int
+    admitted_step: int  # the batch's step count when the request took its slot
+    queued_seconds: float  # submit to admission
+    run_seconds: float  # admission to codes (excludes VQ decode)
+
+
+@dataclass
+class _Request:
+    rows: tuple  # (ids [2, L], key_mask [2, L]) from LadrPipeline.prompt_rows
+    seed: int
+    steps: int
+    guidance: float
+    future: Future
+    submitted: float
+    admitted: float = 0.0
+    admitted_step: int = 0
+
+
+class Scheduler:
+    """Owns ``pipe`` (its B slots, run-state and buffers) until ``close``. ``start=False``
+    leaves the loop to the caller (``run_once``), for tests and benchmarks."""
+
+    def __init__(self, pipe: LadrPipeline, cfg: SamplerConfig = SamplerConfig(), mode: str = "continuous",
+                 max_queue: int = 64, start: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"unknown scheduler mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "sequential" and pipe.batch != 1:
+            raise ValueError(f"mode 'sequential' runs one request at a time: give it a batch-1 pipeline, not "
+                             f"batch {pipe.batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if getattr(pipe, "owner", None) is not None:
+            raise RuntimeError("this pipeline is already owned by a scheduler")
+        self.pipe, self.mode, self.max_queue = pipe, mode, max_queue
+        self.cfg = resolve(cfg, pipe.default_cfg)  # the batch's config; cfg.steps bounds a request's steps
+        self.steps_run = 0  # steps the batch took (each one evaluation of all B slots)
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._slots: list[_Request | None] = [None] * pipe.batch
+        self._cond = threading.Condition()
+        self._closed = False
+        with pipe._lock:
+            pipe.owner = self  # LadrPipeline.__call__ now refuses: it would reset every slot
+            self.sampler = pipe.open_slots(self.cfg)
+            self.state = self.sampler.s
+            # Captured (where graphs apply) against the idle state; admissions write the same buffers.
+            self._step = pipe.step_runner(self.sampler)
+        self._thread = None
+        if start:
+            self._thread = threading.Thread(target=self._loop, name="ladr-rt-scheduler", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, prompt: str, seed: int = 0, steps: int | None = None, cfg: float | None = None) -> Future:
+        """A future of ``ServeResult``. Bad arguments, a full queue (``QueueFull``) or a closed
+        scheduler come back as the future's exception; nothing is raised here."""
+        fut: Future = Future()
+        try:
+            req_cfg = dataclasses.replace(self.cfg, seed=seed, steps=self.cfg.steps if steps is None else steps,
+                                          cfg=self.cfg.cfg if cfg is None else cfg)
+            req_cfg.validate()
+            if req_cfg.steps > self.cfg.steps:
+                raise ValueError(f"steps {req_cfg.steps} is over this scheduler's {self.cfg.steps}")
+            if (req_cfg.cfg > 0) != (self.cfg.cfg > 0):
+                raise ValueError(f"guidance {req_cfg.cfg}: this scheduler runs {'with' if self.cfg.cfg > 0 else 'without'}"
+                                 " guidance; a request can change its scale but not switch it on or off")
+            req = _Request(self.pipe.prompt_rows(prompt), seed, req_cfg.steps, req_cfg.cfg, fut, time.perf_counter())
+        except Exception as e:
+            fut.set_exception(e)
+            return fut
+        with self._cond:
+            if self._closed:
+                fut.set_exception(SchedulerClosed("the scheduler is closed"))
+            elif len(self._queue) >= self.max_queue:
+                fut.set_exception(QueueFull(f"the request queue is full ({self.max_queue} waiting, {self.busy} running);"
+                                            " retry later or raise max_queue"))
+            else:
+                self._queue.append(req)
+                self._cond.notify()
+        return fut
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops the loop after its current step; waiting and running requests fail with
+        SchedulerClosed. The pipeline is free again afterwards."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            left = list(self._queue) + [r for r in self._slots if r is not None]
+            self._queue.clear()
+        for b in range(len(self._slots)):
+            if self._slots[b] is not None:
+                self.state.retire(b)
+                self._slots[b] = None
+        for r in left:
+            if not r.future.done():
+                r.future.set_exception(SchedulerClosed("the scheduler was closed before the request finished"))
+        self.pipe.owner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ the loop's thread
+
+    def run_once(self) -> bool:
+        """One iteration: admit, one step for all slots, finish the done ones. False when there
+        was nothing to run (no request running or waiting)."""
+        pipe = self.pipe
+        with pipe._lock, (torch.cuda.device(pipe.denoiser.device) if pipe.denoiser.device.type == "cuda"
+                          else contextlib.nullcontext()):
+            self._admit()
+            if not self.busy:
+                return False
+            self._step()
+            self.steps_run += 1
+            done = self.state.read_done()  # the one host read per step
+            finished = [b for b, r in enumerate(self._slots) if r is not None and done[b]]
+            if finished:
+                self._finish(finished)
+        return True
+
+    def run_until_idle(self, max_iterations: int = 1_000_000) -> int:
+        """Iterations until nothing runs or waits (for a scheduler made with start=False)."""
+        n = 0
+        while n < max_iterations and self.run_once():
+            n += 1
+        return n
+
+    def _admit(self) -> None:
+        free = [b for b, r in enumerate(self._slots) if r is None]
+        if self.mode != "continuous" and len(free) < len(self._slots):
+            return  # static / sequential: a new batch only once the last one is through
+        with self._cond:
+            taken = [(b, self._queue.popleft()) for b in free[: len(self._queue)]]
+        now = time.perf_counter()
+        for b, req in taken:
+            req.admitted, req.admitted_step = now, self.steps_run
+            self.pipe.admit(self.state, b, req.rows, req.seed, req.steps, req.guidance)
+            self._slots[b] = req
+
+    def _finish(self, finished: list[int]) -> None:
+        s, (h, w) = self.state, self.pipe.seq.grid
+        now = time.perf_counter()
+        ok, codes = [], []
+        for b in finished:
+            req = self._slots[b]
+            if bool(s.nonfinite[b]):
+                req.future.set_exception(NonFiniteLogits(
+                    f"the {self.pipe.denoiser.name} denoiser returned NaN/inf logits for this request, so no image "
+                    f"was made; {NONFINITE_HINT}"))
+            else:
+                ok.append((b, req, s.read_trace_row(b), now - req.admitted))
+                codes.append(s.z[b].view(h, w).clone())
+            s.retire(b)
+            self._slots[b] = None
+        if not ok:
+            return
+        try:
+            grid = torch.stack(codes)  # [n, H, W]
+            images = self.pipe.decode(grid)
+        except Exception as e:
+            for _, req, _, _ in ok:
+                req.future.set_exception(e)
+            return
+        grid_np = grid.cpu().numpy()
+        for (b, req, trace, run_s), img, c in zip(ok, images, grid_np):
+            trace["cfg"] = req.guidance
+            req.future.set_result(ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
+                                              req.admitted - req.submitted, run_s))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._queue and not self.busy:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                self.run_once()
+            except Exception as e:  # a failing step fails the requests it held; the loop goes on
+                for b, r in enumerate(self._slots):
+                    if r is not None:
+                        self.state.retire(b)
+                        self._slots[b] = None
+                        if not r.future.done():
+                            r.future.set_exception(e)
+

@@ -1,0 +1,302 @@
+"""Independent slots (issue 15 part 1) and the scheduler above them (part 2).
+
+A request's codes depend only on (model, prompt, size, sampler config, seed): whatever else
+shares the batch, whichever slot it lands in, whenever it is admitted. Sampler-level checks
+run on hand-built logits; pipeline and scheduler checks on the tiny checkpoint at 48x80
+(3 x 5 = 15 codes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from ladr_rt.config import SAMPLERS, SamplerConfig
+from ladr_rt.pipeline import LadrPipeline
+from ladr_rt.samplers import RunState, make_sampler
+from ladr_rt.serve import QueueFull, Scheduler
+from test_samplers import MASK_ID, no_host_reads
+
+H, W, K, T = 5, 6, 16, 12
+
+# ------------------------------------------------------------------ sampler level, hand-built logits
+
+
+def slot_logits(seed: int, step: int, N: int = H * W) -> torch.Tensor:
+    """[2, N, K] cond + uncond logits of one request at one step: a function of its own
+    (seed, step) only, as a model's would be of its prompt and current tokens."""
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    return torch.randn(2, N, K, generator=g) * 3
+
+
+def batch_logits(st: RunState, seeds: list) -> torch.Tensor:
+    """[2B, N, K]: each busy slot's own request's logits at its own step; idle rows random."""
+    B = st.B
+    out = torch.randn(2 * B, st.N, K) * 3
+    steps = st.step.tolist()  # test-side read, outside the step
+    for b, seed in enumerate(seeds):
+        if seed is not None:
+            lg = slot_logits(seed, steps[b])
+            out[b], out[B + b] = lg[0], lg[1]
+    return out
+
+
+def solo(name: str, seed: int, steps: int, guidance: float):
+    cfg = SamplerConfig(name=name, steps=steps, cfg=guidance, temperature=1.0, seed=seed)
+    st = RunState(1, H, W, K, steps, MASK_ID, "cpu", seed)
+    sampler = make_sampler(cfg, st)
+    while st.any_masked():
+        sampler.step(slot_logits(seed, int(st.step[0])))
+    return st.z[0].clone(), st.trace_masked[: int(st.step[0]) + 1, 0].clone()
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_slot_draws_and_results_equal_a_solo_run(name):
+    """Three slots with different seeds, T and guidance, one admitted mid-run into the slot
+    another request just left: each request ends with the solo B = 1 run's codes and trace."""
+    reqs = {7: (12, 4.0), 8: (5, 1.5), 9: (9, 0.5), 10: (3, 2.0)}  # seed -> (steps, guidance)
+    st = RunState(3, H, W, K, T, MASK_ID, "cpu")
+    sampler = make_sampler(SamplerConfig(name=name, steps=T, cfg=4.0, temperature=1.0), st)
+    for b in range(3):
+        st.retire(b)
+    seeds = [None, None, None]
+    pending, got = [8, 10, 9, 7], {}
+    for b in (2, 0):  # slot 1 stays idle at first
+        seed = pending.pop(0)
+        st.admit(b, seed, *reqs[seed])
+        seeds[b] = seed
+    while any(s is not None for s in seeds) or pending:
+        sampler.step(batch_logits(st, seeds))
+        for b, d in enumerate(st.read_done()):
+            if d and seeds[b] is not None:
+                n = int(st.step[b])
+                got[seeds[b]] = (st.z[b].clone(), st.trace_masked[: n + 1, b].clone(), b)
+                st.retire(b)
+                seeds[b] = None
+        for b in range(3):
+            if seeds[b] is None and pending:
+                seed = pending.pop(0)
+                st.admit(b, seed, *reqs[seed])
+                seeds[b] = seed
+    assert sorted(got) == sorted(reqs)
+    assert len({slot for _, _, slot in got.values()}) >= 2
+    for seed, (steps, guidance) in reqs.items():
+        z, masked = solo(name, seed, steps, guidance)
+        assert torch.equal(got[seed][0], z), (seed, got[seed][2])
+        assert torch.equal(got[seed][1], masked)
+
+
+def _rows(st: RunState, slots) -> dict:
+    """Every per-slot tensor's rows for ``slots`` (trace: columns), cloned."""
+    out = {}
+    for k, v in st.tensors().items():
+        if k in ("z", "M", "step", "n0", "done", "nonfinite", "own", "steps", "steps_f32", "steps_f64", "cfg_hi",
+                 "cfg_lo"):
+            out[k] = v[list(slots)].clone()
+        elif k.startswith("trace_"):
+            out[k] = v[:, list(slots)].clone()
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_idle_slot_is_inert_and_admission_touches_only_its_slot(name):
+    st = RunState(3, H, W, K, T, MASK_ID, "cpu")
+    sampler = make_sampler(SamplerConfig(name=name, steps=T, cfg=4.0, temperature=1.0), st)
+    st.retire(1)
+    idle = _rows(st, [1])
+    assert st.read_done() == [False, True, False]
+    ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+    for _ in range(3):
+        with no_host_reads():
+            sampler.step(torch.randn(6, st.N, K) * 0.5)  # unconfident: nothing finishes early
+    _same(_rows(st, [1]), idle)  # z, M, step, trace column and done flag of the idle slot: unchanged
+    assert int(st.step[0]) == 3 and st.read_done()[1]
+    others = _rows(st, [0, 2])
+    st.admit(1, seed=5, steps=7, guidance=1.0)
+    _same(_rows(st, [0, 2]), others)
+    assert st.M[1].all() and int(st.step[1]) == 0 and not st.read_done()[1] and int(st.steps[1]) == 7
+    with no_host_reads():
+        sampler.step(torch.randn(6, st.N, K) * 0.5)  # unconfident: nothing finishes early
+    others = _rows(st, [1, 2])
+    st.retire(0)
+    _same(_rows(st, [1, 2]), others)
+    assert st.read_done()[0] and not st.M[0].any()
+    assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs, "admission/retire moved a state tensor"
+
+
+def test_non_finite_logits_stop_only_their_slot():
+    st = RunState(2, H, W, K, T, MASK_ID, "cpu")
+    sampler = make_sampler(SamplerConfig(name="ladr", steps=T, cfg=2.0, temperature=1.0), st)
+    logits = torch.randn(4, st.N, K) * 0.5
+    logits[3, 4, 1] = float("inf")  # slot 1's uncond row
+    sampler.step(logits)
+    assert st.nonfinite.tolist() == [False, True] and st.read_done() == [False, True]
+    assert not st.keep_going(), "a whole-batch call still stops at the first NaN/inf"
+    st.retire(1)
+    st.admit(1, seed=0)
+    assert st.nonfinite.tolist() == [False, False], "a new request starts clean"
+
+
+def test_admission_refuses_a_longer_schedule_than_the_state():
+    st = RunState(2, H, W, K, T, MASK_ID, "cpu")
+    with pytest.raises(ValueError, match="between 1 and"):
+        st.admit(0, seed=0, steps=T + 1, guidance=1.0)
+    with pytest.raises(ValueError, match="both"):
+        st.admit(0, seed=0, steps=4)
+
+
+# ------------------------------------------------------------------ pipeline and scheduler on the tiny model
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle above a circle", "a yellow star"]
+BATCH_CFG = SamplerConfig(name="ladr", steps=10, cfg=4.0, temperature=1.0)
+
+
+class GreyVQ:
+    """Codes -> grey tiles: the tests compare codes, and the diffusers decoder costs ~0.5 s a call."""
+
+    def decode(self, codes):  # [n, h, w] -> [n, 3, 16h, 16w] in [0, 1]
+        g = (codes % 256).float().div(255).repeat_interleave(16, 1).repeat_interleave(16, 2)
+        return g.unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_ckpt):
+    """Pipelines of batch 1, 2 and 3 over one model (grey decoder); "real": batch 3 with the
+    checkpoint's VQ decoder."""
+    p1 = LadrPipeline.from_pretrained(tiny_ckpt, height=48, width=80, prompt_budget=32)
+    out = {"real": LadrPipeline(p1.denoiser, p1.tokenizer, p1.vq, p1.layout, p1.seq.spec, 3, p1.default_cfg,
+                                p1.vocab_size)}
+    for B in (1, 2, 3):
+        out[B] = LadrPipeline(p1.denoiser, p1.tokenizer, GreyVQ(), p1.layout, p1.seq.spec, B, p1.default_cfg,
+                              p1.vocab_size)
+    return out
+
+
+REQUESTS = [  # (prompt, seed, steps, guidance): different prompts, seeds, T and scales
+    (PROMPTS[0], 1, 10, 4.0), (PROMPTS[1], 2, 3, 2.0), (PROMPTS[2], 3, 6, 4.0), (PROMPTS[3], 4, 3, 1.0),
+    (PROMPTS[0], 5, 4, 4.0),
+]
+
+
+@pytest.fixture(scope="module")
+def solo_codes(pipes):
+    """Each request run alone through the unchanged Python API (batch 1)."""
+    out = []
+    for prompt, seed, steps, g in REQUESTS:
+        codes, trace, evals, _ = pipes[1].generate_codes(prompt, dataclasses.replace(BATCH_CFG, seed=seed, steps=steps,
+                                                                                     cfg=g))
+        out.append((codes[0], trace["masked"][0], evals))
+    return out
+
+
+def serve_all(pipe, mode, order):
+    sched = Scheduler(pipe, BATCH_CFG, mode=mode, start=False)
+    try:
+        futs = {i: sched.submit(*REQUESTS[i][:1], seed=REQUESTS[i][1], steps=REQUESTS[i][2], cfg=REQUESTS[i][3])
+                for i in order}
+        sched.run_until_idle()
+        return {i: f.result(timeout=0) for i, f in futs.items()}, sched.steps_run
+    finally:
+        sched.close()
+
+
+def _check(results, solo_codes):
+    for i, r in results.items():
+        codes, masked, evals = solo_codes[i]
+        assert torch.equal(torch.from_numpy(r.codes), codes), (i, r.slot)
+        assert r.trace["masked"] == masked and r.evaluations == evals
+
+
+def test_modes_return_the_solo_images_and_continuous_takes_fewer_steps(pipes, solo_codes):
+    runs = {
+        "continuous": serve_all(pipes[2], "continuous", [0, 1, 2, 3, 4]),
+        "continuous, other order, B=3": serve_all(pipes[3], "continuous", [3, 4, 1, 0, 2]),
+        "static": serve_all(pipes[2], "static", [0, 1, 2, 3, 4]),
+        "sequential": serve_all(pipes[1], "sequential", [0, 1, 2, 3, 4]),
+    }
+    for results, _ in runs.values():
+        _check(results, solo_codes)
+    cont, stat, seq = runs["continuous"][1], runs["static"][1], runs["sequential"][1]
+    evals = [e for _, _, e in solo_codes]
+    assert seq == sum(evals)
+    assert cont < stat < seq, (cont, stat, seq)
+    slots = {r.slot for r in runs["continuous, other order, B=3"][0].values()}
+    assert slots == {0, 1, 2}
+    # continuous: requests entered slots that others had just left, mid-run; static: only at batch starts
+    mid = [r for r in runs["continuous"][0].values() if r.admitted_step > 0]
+    assert mid and all(r.admitted_step < cont for r in mid)
+    starts = sorted({r.admitted_step for r in runs["static"][0].values()})
+    assert starts[0] == 0 and len(starts) == 3  # 5 requests, 2 slots: three batches
+    # the legacy batch call: row b draws from seed + b, so it is the solo call with that seed
+    codes, _, _, _ = pipes[2].generate_codes([PROMPTS[1], PROMPTS[2]], dataclasses.replace(BATCH_CFG, seed=2, steps=3,
+                                                                                           cfg=2.0))
+    assert torch.equal(codes[0], solo_codes[1][0])
+
+
+def test_queue_full_and_bad_requests_come_back_on_the_future(pipes):
+    sched = Scheduler(pipes[2], BATCH_CFG, max_queue=2, start=False)
+    try:
+        f1, f2, f3 = (sched.submit(PROMPTS[0], seed=i) for i in range(3))
+        assert isinstance(f3.exception(timeout=0), QueueFull) and "queue is full (2 waiting" in str(f3.exception())
+        assert not f1.done() and not f2.done()
+        assert "over this scheduler's 10" in str(sched.submit(PROMPTS[0], steps=11).exception(timeout=0))
+        assert "switch it on or off" in str(sched.submit(PROMPTS[0], cfg=0.0).exception(timeout=0))
+        with pytest.raises(RuntimeError, match="belong to a serve.Scheduler"):
+            pipes[2].generate_codes([PROMPTS[0]] * 2, BATCH_CFG)
+        sched.run_until_idle()
+        assert f1.result(timeout=0).codes.shape == (3, 5)
+    finally:
+        sched.close()
+    pipes[2].generate_codes([PROMPTS[0]] * 2, BATCH_CFG)  # the pipeline is free again
+
+
+def test_futures_complete_from_other_threads(pipes, solo_codes):
+    with Scheduler(pipes["real"], BATCH_CFG) as sched:
+        futs = {}
+
+        def client(i):
+            p, seed, steps, g = REQUESTS[i]
+            futs[i] = sched.submit(p, seed=seed, steps=steps, cfg=g)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(REQUESTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results = {i: f.result(timeout=60) for i, f in futs.items()}
+    _check(results, solo_codes)
+    assert all(r.image.size == (80, 48) for r in results.values())
+
+
+def test_scheduler_replays_one_step_graph_with_every_slot_generator(pipes, solo_codes):
+    """The whole step captured once (the CPU stand-in of test_gpu_ready) with all B slot
+    generators registered; admissions then write the captured buffers between replays."""
+    import copy
+
+    from test_gpu_ready import RecordingGraphs
+
+    p2 = pipes[2]
+    den = copy.copy(p2.denoiser)
+    den.graph_safe = True
+    pipe = LadrPipeline(den, p2.tokenizer, p2.vq, p2.layout, p2.seq.spec, 2, p2.default_cfg, p2.vocab_size)
+    graphs = pipe.graphs = RecordingGraphs()
+    sched = Scheduler(pipe, BATCH_CFG, start=False)
+    try:
+        st = sched.state
+        assert len(graphs.generators) == 1 and list(graphs.generators[0]) == st.gens
+        ptrs = {k: v.data_ptr() for k, v in st.tensors().items()} | {"ids": pipe.ids.data_ptr()}
+        futs = [sched.submit(p, seed=seed, steps=steps, cfg=g) for p, seed, steps, g in REQUESTS]
+        sched.run_until_idle()
+        _check({i: f.result(timeout=0) for i, f in enumerate(futs)}, solo_codes)
+        assert len(graphs.generators) == 1, "an admission forced a second capture"
+        assert ({k: v.data_ptr() for k, v in st.tensors().items()} | {"ids": pipe.ids.data_ptr()}) == ptrs
+    finally:
+        sched.close()
