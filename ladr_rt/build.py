@@ -31,15 +31,11 @@ import torch
 from .config import ImageSpec
 from .fileio import Interrupted, signals_unwind
 from .engines.graph import INPUTS, OUTPUTS, EngineGraph
-from .engines.manifest import (BACKENDS, FORMAT, PRECISIONS, EngineError, engine_files, engine_paths,
+from .engines.manifest import (BACKENDS, FORMAT, PRECISIONS, BuildError, EngineError, engine_files, engine_paths,
                                write_manifest)
 
 VALIDATION_PROMPTS = ("a red circle above a blue square", "two green triangles on a white background",
                       "a cat in a tree")
-
-
-class BuildError(EngineError):
-    pass
 
 
 class ValidationError(BuildError):

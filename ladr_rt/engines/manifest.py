@@ -31,6 +31,10 @@ class EngineMismatch(EngineError):
     pass
 
 
+class BuildError(EngineError):
+    """A build that cannot go on (``ladr-rt build``, ``engines.trt.build_plan``)."""
+
+
 def engine_paths(out: str | os.PathLike) -> tuple[Path, str]:
     """``engines/NAME`` (suffix optional) -> (directory, NAME)."""
     p = Path(out)
@@ -260,14 +264,14 @@ def check_io(m: dict[str, Any], got: dict[str, tuple[list, str]], source: Path) 
 
 def _unbuildable(m: dict[str, Any], override: dict[str, Any]) -> str | None:
     """Why ``ladr-rt build`` would refuse the requested shape, or None when it would build it."""
-    from ..build import BuildOptions
     from ..config import ImageSpec
 
+    # The checks BuildOptions.validated() makes of a shape (precision and backend stay the
+    # engine's own), without importing the build layer into the manifest.
     a = {**m["build_args"], **override}
     try:
-        BuildOptions(model=str(a["model"]), out=str(a["out"]), height=a["height"], width=a["width"],
-                     prompt_budget=a["prompt_budget"], batch=a["batch"], precision=a["precision"],
-                     backend=a["backend"]).validated()
+        if isinstance(a["batch"], bool) or not isinstance(a["batch"], int) or a["batch"] < 1:
+            raise ValueError(f"--batch must be >= 1, got {a['batch']}")
         vq = (m.get("layout") or {}).get("vq_scale", 16)
         ImageSpec(a["height"], a["width"], a["prompt_budget"]).validate(vq)
     except ValueError as e:

@@ -18,7 +18,7 @@ import torch
 from ..denoiser import canonical_device
 from ..fileio import atomic_write_bytes
 
-from .manifest import EngineError
+from .manifest import BuildError, EngineError
 
 INSTALL = "pip install 'ladr-rt[tensorrt]' (needs an NVIDIA GPU and driver)"
 
@@ -51,7 +51,6 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, workspace_gib: 
     ``timing_cache`` (already resolved to an absolute path, its directory created by the
     build) is read if present and valid, else replaced by a fresh one; it is written after the
     plan, and a failure to write it is a warning: the plan is never lost to the cache."""
-    from ..build import BuildError
 
     trt = import_trt()
     logger = trt.Logger(trt.Logger.WARNING)
