@@ -360,7 +360,7 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
     except ServeError as e:
         raise UserError(str(e)) from None
     if stopped:
-        click.echo(f"ladr-rt serve: stopped by {stopped}; running requests were cancelled", err=True)
+        click.echo(f"ladr-rt serve: stopped by {stopped}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
