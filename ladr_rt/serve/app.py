@@ -110,7 +110,7 @@ class Metrics:
         g = [(f"{p}ready", "gauge", "1 once the model is loaded", int(ready)),
              (f"{p}queue_depth", "gauge", "requests waiting for a slot", sched.waiting if sched else 0),
              (f"{p}busy_slots", "gauge", "slots running a request", sched.busy if sched else 0),
-             (f"{p}slots", "gauge", "the pipeline's batch B", len(sched._slots) if sched else 0),
+             (f"{p}slots", "gauge", "the pipeline's batch B", sched.pipe.batch if sched else 0),
              (f"{p}steps_total", "counter", "batch steps run (one evaluation of all B slots each)",
               sched.steps_run if sched else 0),
              (f"{p}images_total", "counter", "images returned", self.images)]
