@@ -311,5 +311,57 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
     click.echo(f"wrote tiny checkpoint to {p} (random weights: its images are noise)")
 
 
+@main.command()
+@click.option("--model", "model_dir", type=str, default=None,
+              help="Hugging Face checkpoint directory.  [default: the testbed model shipped in the package]")
+@click.option("--engine", default=None, help="Serve an engine from `ladr-rt build --out engines/NAME`.")
+@click.option("--batch", type=int, default=None,
+              help="Slots (images in flight).  [default: 4; 1 with --mode sequential; an engine's own]")
+@click.option("--mode", type=click.Choice(("continuous", "static", "sequential")), default="continuous",
+              help="continuous: a free slot takes a request at any step; static: only a whole free batch; "
+                   "sequential: one at a time.")
+@click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, help="TCP port (0: any free port).")
+@click.option("--max-queue", type=int, default=64, help="Requests waiting for a slot before 429.")
+@click.option("--api-key", default=None, envvar="LADR_RT_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1 requests.  [default: no auth]")
+@click.option("--height", type=int, default=None, help="Served image height.  [default: the model's]")
+@click.option("--width", type=int, default=None, help="Served image width.  [default: the model's]")
+@click.option("--prompt-budget", type=int, default=None, help=f"Text tokens per row.  [default: {ImageSpec.prompt_budget}]")
+@click.option("--steps", type=int, default=SamplerConfig.steps, help="Schedule length T: a request's default and most.")
+@click.option("--cfg", type=float, default=None, help="Default guidance scale.  [default: the model's]")
+@click.option("--temperature", type=float, default=SamplerConfig.temperature, help="Sampling temperature.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="Eager precision (auto: bf16 on CUDA).")
+def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
+          temperature, sampler, device, dtype) -> None:
+    """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /health, GET /metrics."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"ladr-rt serve needs {e.name}: pip install 'ladr-rt[serve]'") from None
+    from .serve.server import ServeError, ServeOptions, run
+
+    if engine is not None and dtype != "auto":
+        raise UserError("--dtype sets the eager model's precision; an engine's was fixed by `ladr-rt build`")
+    if engine is not None:
+        dev, dt = (_device_dtype(device, "fp32")[0] if device != "auto" else "auto"), None
+    else:
+        dev, dt = _device_dtype(device, dtype)
+    opts = ServeOptions(model=model_dir, engine=engine, batch=batch, mode=mode, host=host, port=port,
+                        max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
+                        sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature),
+                        height=height, width=width, prompt_budget=prompt_budget)
+    try:
+        opts.validate()
+        stopped = run(opts, log=lambda m: click.echo(f"ladr-rt serve: {m}", err=True))
+    except ServeError as e:
+        raise UserError(str(e)) from None
+    if stopped:
+        click.echo(f"ladr-rt serve: stopped by {stopped}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -300,3 +300,30 @@ def test_scheduler_replays_one_step_graph_with_every_slot_generator(pipes, solo_
         assert ({k: v.data_ptr() for k, v in st.tensors().items()} | {"ids": pipe.ids.data_ptr()}) == ptrs
     finally:
         sched.close()
+
+
+def test_cancel_frees_a_waiting_request_at_once_and_a_running_slot_at_the_next_step(pipes, solo_codes):
+    """A cancelled future (an HTTP client that went away): queued, it stops counting against
+    max_queue; running, its slot is retired at the next step boundary and taken by the next
+    request, whose image is still its solo run's."""
+    sched = Scheduler(pipes[1], BATCH_CFG, max_queue=2, start=False)
+    try:
+        running = sched.submit(REQUESTS[0][0], seed=REQUESTS[0][1], steps=REQUESTS[0][2], cfg=REQUESTS[0][3])
+        waiting = sched.submit(PROMPTS[1], seed=9)
+        assert sched.run_once() and sched.busy == 1 and sched.waiting == 1
+        assert sched.cancel(waiting) and sched.waiting == 0 and sched.cancelled == 1
+        p, seed, steps, g = REQUESTS[1]
+        later = sched.submit(p, seed=seed, steps=steps, cfg=g)
+        assert sched.waiting == 1 and not later.done(), "the cancelled request still held its queue place"
+        assert running.cancel()
+        steps_before = sched.steps_run
+        assert sched.run_once()  # retires the cancelled slot, admits `later`, steps it
+        assert sched.cancelled == 2 and sched.busy == 1 and sched.waiting == 0
+        sched.run_until_idle()
+        assert sched.busy == 0
+        assert sched.steps_run - steps_before == solo_codes[1][2], "the cancelled request kept stepping"
+        assert running.cancelled() and waiting.cancelled()
+        _check({1: later.result(timeout=0)}, solo_codes)
+        assert not sched.cancel(later), "a finished request cannot be cancelled"
+    finally:
+        sched.close()

@@ -20,11 +20,16 @@ mode changes when requests run, never what they produce:
 The sampler kind, temperature, its parameters and whether guidance runs at all are fixed
 per scheduler (one step graph); ``steps`` (up to the scheduler's) and the guidance scale are
 per request.
+
+A request's future can be cancelled (``fut.cancel()`` or ``Scheduler.cancel(fut)``, e.g. when
+an HTTP client disconnects): a waiting request leaves the queue at once, a running one frees
+its slot at the next step boundary (its partial codes are dropped, no VQ decode).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -91,6 +96,7 @@ class Scheduler:
         self.pipe, self.mode, self.max_queue = pipe, mode, max_queue
         self.cfg = resolve(cfg, pipe.default_cfg)  # the batch's config; cfg.steps bounds a request's steps
         self.steps_run = 0  # steps the batch took (each one evaluation of all B slots)
+        self.cancelled = 0  # requests whose future was cancelled before they finished
         self._queue: collections.deque[_Request] = collections.deque()
         self._slots: list[_Request | None] = [None] * pipe.batch
         self._cond = threading.Condition()
@@ -134,7 +140,25 @@ class Scheduler:
             else:
                 self._queue.append(req)
                 self._cond.notify()
+                # Registered only once queued: a future that failed above has nothing to free.
+                fut.add_done_callback(lambda f, req=req: self._on_cancel(req) if f.cancelled() else None)
         return fut
+
+    def cancel(self, fut: Future) -> bool:
+        """Cancels a request (``fut.cancel()`` does the same): False when it already finished."""
+        return fut.cancel()
+
+    def _on_cancel(self, req: _Request) -> None:
+        # Runs in the cancelling thread. A waiting request leaves the queue now, so it stops
+        # counting against max_queue; a running one is retired by the loop at the next step
+        # boundary (only the loop's thread touches the slots between steps).
+        with self._cond:
+            try:
+                self._queue.remove(req)
+                self.cancelled += 1
+            except ValueError:
+                pass  # already in a slot (or finished): the loop retires it
+            self._cond.notify()
 
     @property
     def busy(self) -> int:
@@ -160,8 +184,7 @@ class Scheduler:
                 self.state.retire(b)
                 self._slots[b] = None
         for r in left:
-            if not r.future.done():
-                r.future.set_exception(SchedulerClosed("the scheduler was closed before the request finished"))
+            _settle(r.future, exc=SchedulerClosed("the scheduler was closed before the request finished"))
         self.pipe.owner = None
 
     def __enter__(self):
@@ -178,6 +201,7 @@ class Scheduler:
         pipe = self.pipe
         with pipe._lock, (torch.cuda.device(pipe.denoiser.device) if pipe.denoiser.device.type == "cuda"
                           else contextlib.nullcontext()):
+            self._retire_cancelled()
             self._admit()
             if not self.busy:
                 return False
@@ -195,6 +219,14 @@ class Scheduler:
         while n < max_iterations and self.run_once():
             n += 1
         return n
+
+    def _retire_cancelled(self) -> None:
+        for b, r in enumerate(self._slots):
+            if r is not None and r.future.cancelled():
+                self.state.retire(b)
+                self._slots[b] = None
+                with self._cond:
+                    self.cancelled += 1
 
     def _admit(self) -> None:
         free = [b for b, r in enumerate(self._slots) if r is None]
@@ -215,7 +247,7 @@ class Scheduler:
         for b in finished:
             req = self._slots[b]
             if bool(s.nonfinite[b]):
-                req.future.set_exception(NonFiniteLogits(
+                _settle(req.future, exc=NonFiniteLogits(
                     f"the {self.pipe.denoiser.name} denoiser returned NaN/inf logits for this request, so no image "
                     f"was made; {NONFINITE_HINT}"))
             else:
@@ -230,13 +262,13 @@ class Scheduler:
             images = self.pipe.decode(grid)
         except Exception as e:
             for _, req, _, _ in ok:
-                req.future.set_exception(e)
+                _settle(req.future, exc=e)
             return
         grid_np = grid.cpu().numpy()
         for (b, req, trace, run_s), img, c in zip(ok, images, grid_np):
             trace["cfg"] = req.guidance
-            req.future.set_result(ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
-                                              req.admitted - req.submitted, run_s))
+            _settle(req.future, ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
+                                            req.admitted - req.submitted, run_s))
 
     def _loop(self) -> None:
         while True:
@@ -252,6 +284,17 @@ class Scheduler:
                     if r is not None:
                         self.state.retire(b)
                         self._slots[b] = None
-                        if not r.future.done():
-                            r.future.set_exception(e)
+                        _settle(r.future, exc=e)
 
+
+
+def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    """Completes ``fut`` unless it is already done: a client may cancel it from another thread
+    between the loop's check and this call, and a cancelled future refuses a result."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

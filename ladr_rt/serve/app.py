@@ -1,0 +1,394 @@
+"""An HTTP front end over one Scheduler: the OpenAI Images API shape (``POST /v1/images/generations``),
+``GET /health`` and ``GET /metrics`` (Prometheus text).
+
+    app = create_app(lambda: Scheduler(LadrPipeline.from_pretrained(batch=4), SamplerConfig(steps=64)))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+A factory is called in a background thread once the server is up, so the port answers (503,
+``{"status": "loading"}``) while a large model loads; a ready Scheduler may be passed instead.
+The request body is parsed here, by hand, so that every refusal names its field (OpenAI's error
+shape: ``{"error": {"message", "type", "param", "code"}}``) and NaN/Infinity, which Python's json
+would accept, are refused. The endpoint awaits the scheduler's concurrent Future through
+``asyncio.wrap_future`` (the event loop never blocks on a step) and watches the connection
+meanwhile: a client that goes away cancels its requests, which frees their slots at the next step.
+
+Needs the ``serve`` extra (fastapi, uvicorn); ``import ladr_rt`` and ``generate`` do not.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import hmac
+import io
+import json
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import MAX_SEED, MAX_STEPS
+from ..tokens import PromptError, PromptTooLong
+from .scheduler import QueueFull, Scheduler, SchedulerClosed
+
+ROUTE = "/v1/images/generations"
+FIELDS = ("prompt", "n", "size", "response_format", "seed", "steps", "cfg", "model", "user")
+# A random seed (no "seed" in the request) is drawn below 2**31 so that seed + n - 1 and any
+# client's int32 seed field hold it; it is reported per image, so the image can be remade.
+RANDOM_SEED_BOUND = 2**31
+
+
+@dataclass
+class AppConfig:
+    api_key: str | None = None  # None: no auth; else every /v1 request needs "Authorization: Bearer KEY"
+    max_n: int = 8  # images per request
+    max_body: int = 64 * 1024  # bytes; a prompt is a few hundred
+    retry_after: int = 1  # seconds, the Retry-After of a 429 / 503 when no latency is known yet
+    model_name: str = "ladr-rt"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict | None = None, reason: str = "bad_request"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers, self.reason = headers or {}, reason
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+EVAL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+REASONS = ("bad_request", "unauthorized", "too_large", "queue_full", "loading", "disconnected", "failed")
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        i = bisect.bisect_left(self.buckets, v)  # first bucket whose bound >= v ("le")
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, acc = [], 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """Prometheus text format, by hand (no extra dependency). Updated on the event loop's thread."""
+
+    def __init__(self):
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.evaluations = Histogram(EVAL_BUCKETS)
+        self.images = 0
+        self.rejections = dict.fromkeys(REASONS, 0)
+        self._lock = threading.Lock()
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def render(self, sched: Scheduler | None, ready: bool) -> str:
+        p = "ladr_rt_"
+        g = [(f"{p}ready", "gauge", "1 once the model is loaded", int(ready)),
+             (f"{p}queue_depth", "gauge", "requests waiting for a slot", sched.waiting if sched else 0),
+             (f"{p}busy_slots", "gauge", "slots running a request", sched.busy if sched else 0),
+             (f"{p}slots", "gauge", "the pipeline's batch B", sched.pipe.batch if sched else 0),
+             (f"{p}steps_total", "counter", "batch steps run (one evaluation of all B slots each)",
+              sched.steps_run if sched else 0),
+             (f"{p}images_total", "counter", "images returned", self.images)]
+        out = []
+        for name, kind, help_, v in g:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {v}"]
+        with self._lock:
+            rej = dict(self.rejections)
+            lat, ev = self.latency.lines(f"{p}request_seconds"), self.evaluations.lines(f"{p}image_evaluations")
+        out += [f"# HELP {p}rejections_total requests refused or abandoned, by reason", f"# TYPE {p}rejections_total counter"]
+        out += [f'{p}rejections_total{{reason="{r}"}} {n}' for r, n in rej.items()]
+        out += [f"# HELP {p}request_seconds successful image requests, arrival to response",
+                f"# TYPE {p}request_seconds histogram", *lat,
+                f"# HELP {p}image_evaluations denoiser evaluations per image", f"# TYPE {p}image_evaluations histogram",
+                *ev]
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- request parsing
+
+
+def _refuse_constant(name: str):
+    raise ApiError(400, f"the body holds {name}, which is not JSON; send finite numbers", code="invalid_json")
+
+
+def _int(body: dict, key: str, lo: int, hi: int, default):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, f"'{key}' must be an integer, got {json.dumps(v)}", key, "invalid_type")
+    if not lo <= v <= hi:
+        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key, "out_of_range")
+    return v
+
+
+def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except ApiError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not JSON ({e}); send a JSON object with a 'prompt'", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    unknown = [k for k in body if k not in FIELDS]
+    if unknown:  # a typo ("sed") or an unsupported OpenAI field ("quality") would otherwise be silently ignored
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this server takes {', '.join(FIELDS)}", unknown[0],
+                       "unknown_parameter")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' is required and must be a string" if prompt is None else
+                       f"'prompt' must be a string, got {json.dumps(prompt)[:40]}", "prompt",
+                       "missing" if prompt is None else "invalid_type")
+    if not prompt.strip():
+        raise ApiError(400, "'prompt' is empty; describe the image to generate", "prompt", "empty")
+    for key in ("model", "user"):  # OpenAI fields accepted for client compatibility; one model per server
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise ApiError(400, f"'{key}' must be a string", key, "invalid_type")
+    n = _int(body, "n", 1, cfg.max_n, 1)
+    fmt = body.get("response_format", "b64_json")
+    if fmt == "url":
+        raise ApiError(400, "response_format 'url' is not supported (this server keeps no files); use 'b64_json'",
+                       "response_format", "unsupported")
+    if fmt != "b64_json":
+        raise ApiError(400, f"'response_format' must be 'b64_json', got {json.dumps(fmt)[:40]}", "response_format",
+                       "invalid_value")
+    spec = sched.pipe.seq.spec
+    served = f"{spec.width}x{spec.height}"
+    size = body.get("size")
+    if size is not None:
+        ok = isinstance(size, str) and size.count("x") == 1 and all(p.isdigit() for p in size.split("x"))
+        if not ok:
+            raise ApiError(400, f"'size' must be 'WIDTHxHEIGHT' such as {served!r}, got {json.dumps(size)[:40]}",
+                           "size", "invalid_value")
+        w, h = map(int, size.split("x"))
+        if (w, h) != (spec.width, spec.height):
+            raise ApiError(400, f"size {size} is not served; this server makes {served} images only (one size per "
+                           "pipeline: restart it with --width/--height)", "size", "unsupported_size")
+    seed = _int(body, "seed", 0, MAX_SEED - (n - 1), None)  # images use seed .. seed + n - 1
+    if seed is None:
+        seed = secrets.randbelow(RANDOM_SEED_BOUND)
+    top = sched.cfg.steps
+    steps = _int(body, "steps", 1, min(top, MAX_STEPS), None)
+    guidance = body.get("cfg")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise ApiError(400, f"'cfg' must be a number, got {json.dumps(guidance)[:40]}", "cfg", "invalid_type")
+        guiding = sched.cfg.cfg > 0
+        if not math.isfinite(guidance) or guidance < 0 or (guidance > 0) != guiding:
+            want = "a finite number > 0" if guiding else "0 (this server runs without guidance)"
+            raise ApiError(400, f"'cfg' must be {want}, got {guidance}" +
+                           (" (guidance cannot be switched off per request)" if guiding and guidance == 0 else ""),
+                           "cfg", "out_of_range")
+        guidance = float(guidance)
+    return {"prompt": prompt, "n": n, "seed": seed, "steps": steps, "cfg": guidance}
+
+
+def _png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
+    """``scheduler``: a ready ``Scheduler``, or a no-argument factory returning one (called in a
+    background thread after startup; the app answers 503 until it returns). The app closes the
+    scheduler at shutdown."""
+    cfg = config or AppConfig()
+    metrics = Metrics()
+    state = {"sched": scheduler if isinstance(scheduler, Scheduler) else None, "error": None, "closing": False}
+    factory = None if state["sched"] is not None else scheduler
+    if factory is not None and not callable(factory):
+        raise TypeError("create_app takes a Scheduler or a no-argument callable returning one")
+
+    def load() -> None:
+        try:
+            s = factory()
+            if not isinstance(s, Scheduler):
+                raise TypeError(f"the scheduler factory returned {type(s).__name__}, not a Scheduler")
+        except BaseException as e:  # noqa: BLE001 -- reported by /health and the CLI, not lost in a thread
+            state["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            return
+        state["sched"] = s
+        if state["closing"]:  # shut down while loading
+            s.close()
+
+    async def lifespan(app):
+        if factory is not None:
+            app.state.loader = threading.Thread(target=load, name="ladr-rt-load", daemon=True)
+            app.state.loader.start()
+        yield
+        state["closing"] = True
+        if state["sched"] is not None:
+            await asyncio.to_thread(state["sched"].close, 30)
+
+    app = FastAPI(title="ladr-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ladr = state
+    app.state.metrics = metrics
+    app.state.config = cfg
+
+    def not_ready() -> ApiError:
+        if state["error"] is not None:
+            return ApiError(503, f"the model failed to load: {state['error']}", type_="server_error",
+                            code="load_failed", reason="failed")
+        return ApiError(503, "the model is still loading; retry shortly", type_="server_error", code="loading",
+                        headers={"Retry-After": str(cfg.retry_after)}, reason="loading")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        metrics.reject(e.reason)
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):  # 404 / 405 in the same error shape
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}; the API is POST {ROUTE}",
+                        type_="invalid_request_error", code="not_found" if e.status_code == 404 else None).response()
+
+    @app.get("/health")
+    async def health():
+        if state["sched"] is not None:
+            return {"status": "ready"}
+        body = {"status": "failed", "error": state["error"]} if state["error"] else {"status": "loading"}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(state["sched"], state["sched"] is not None),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post(ROUTE)
+    async def generations(request: Request):
+        t0 = time.perf_counter()
+        if cfg.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+                raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>' (the server's "
+                               "--api-key or LADR_RT_API_KEY)", type_="authentication_error", code="invalid_api_key",
+                               reason="unauthorized")
+        raw = await _read_body(request, cfg.max_body)
+        sched = state["sched"]
+        if sched is None:
+            raise not_ready()
+        req = parse_request(raw, sched, cfg)
+        futs = [sched.submit(req["prompt"], seed=req["seed"] + i, steps=req["steps"], cfg=req["cfg"])
+                for i in range(req["n"])]
+        for f in futs:
+            if f.done() and f.exception() is not None:
+                for g in futs:
+                    g.cancel()
+                raise _submit_error(f.exception(), sched, cfg)
+        results = await _await_or_cancel(request, futs)
+        data = []
+        for i, r in enumerate(results):
+            data.append({"b64_json": await asyncio.to_thread(_png_b64, r.image), "revised_prompt": None,
+                         "seed": req["seed"] + i, "evaluations": r.evaluations,
+                         "seconds": round(r.run_seconds, 6), "queued_seconds": round(r.queued_seconds, 6)})
+            metrics.evaluations.observe(r.evaluations)
+        metrics.images += len(data)
+        metrics.latency.observe(time.perf_counter() - t0)
+        return {"created": int(time.time()), "data": data}
+
+    return app
+
+
+async def _read_body(request: Request, cap: int) -> bytes:
+    too_large = ApiError(413, f"the request body is over {cap} bytes; a prompt needs far less", code="body_too_large",
+                         reason="too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise too_large  # refused before reading it
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body has no length up front
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _submit_error(e: BaseException, sched: Scheduler, cfg: AppConfig) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(429, f"{e}", type_="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(cfg.retry_after)}, reason="queue_full")
+    if isinstance(e, SchedulerClosed):
+        return ApiError(503, "the server is shutting down", type_="server_error", code="shutting_down",
+                        reason="failed")
+    if isinstance(e, PromptTooLong):
+        budget = sched.pipe.seq.spec.prompt_budget
+        return ApiError(400, f"'prompt' is too long: {str(e).split(', over')[0].split(' is ', 1)[-1]}, over this "
+                        f"server's prompt budget of {budget} tokens; shorten it (or restart the server with "
+                        "--prompt-budget)", "prompt", "prompt_too_long")
+    if isinstance(e, PromptError):
+        return ApiError(400, str(e), "prompt", "invalid_prompt")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"{type(e).__name__}: {e}", type_="server_error", reason="failed")
+
+
+async def _await_or_cancel(request: Request, futs) -> list:
+    """The results of ``futs``; if the client disconnects first, every future is cancelled
+    (their slots free at the next step) and the handler gives up."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
+
+    async def gone():
+        # The body was read, so the next ASGI message is http.disconnect (client gone) and
+        # nothing else: this waits for it without polling.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({waiting, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        gone_first = not waiting.done()
+        if gone_first:  # the client went away (or the server is stopping this handler)
+            for f in futs:
+                f.cancel()
+            waiting.cancel()
+    if gone_first:
+        # Nobody reads this answer; it is raised so the exception handler counts the rejection.
+        raise ApiError(499, "the client closed the connection; its requests were cancelled", code="client_closed",
+                       reason="disconnected")
+    try:
+        return waiting.result()
+    except BaseException as e:  # noqa: BLE001 -- one image failed: the request's others are dropped too
+        for f in futs:
+            f.cancel()
+        raise _run_error(e) from None
+
+
+def _run_error(e: BaseException) -> ApiError:
+    if isinstance(e, SchedulerClosed):
+        return ApiError(503, "the server shut down before the image was made", type_="server_error",
+                        code="shutting_down", reason="failed")
+    return ApiError(500, f"{type(e).__name__}: {e}", type_="server_error", code="generation_failed", reason="failed")

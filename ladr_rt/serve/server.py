@@ -1,0 +1,158 @@
+"""``ladr-rt serve``: options, the scheduler factory and the uvicorn run (fastapi/uvicorn are
+imported only in ``run``, so this module and the CLI load without the ``serve`` extra)."""
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SamplerConfig
+from .scheduler import MODES, Scheduler
+
+DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
+
+
+class ServeError(ValueError):
+    """A bad option or an unusable address: one line for the CLI."""
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None  # None: the shipped testbed model
+    engine: str | None = None
+    batch: int | None = None  # None: 1 for sequential, the engine's, else DEFAULT_BATCH
+    mode: str = "continuous"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 64
+    api_key: str | None = None
+    device: str = "cpu"  # resolved by the CLI
+    dtype: torch.dtype = torch.float32
+    sampler: SamplerConfig = SamplerConfig()  # steps: the most a request may ask for
+    height: int | None = None
+    width: int | None = None
+    prompt_budget: int | None = None
+    max_n: int = 8
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ServeError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.batch is not None and self.batch < 1:
+            raise ServeError(f"--batch must be >= 1, got {self.batch}")
+        if self.mode == "sequential" and self.batch not in (None, 1):
+            raise ServeError(f"--mode sequential runs one request at a time: leave --batch out or give 1, not "
+                             f"{self.batch}")
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.max_queue < 1:
+            raise ServeError(f"--max-queue must be >= 1, got {self.max_queue}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServeError("--api-key (or LADR_RT_API_KEY) is empty; give a key or leave it unset")
+        for flag, v in (("--height", self.height), ("--width", self.width), ("--prompt-budget", self.prompt_budget)):
+            if v is not None and v <= 0:
+                raise ServeError(f"{flag} must be positive, got {v}")
+        try:
+            self.sampler.validate()
+        except ValueError as e:
+            raise ServeError(str(e)) from None
+
+    def scheduler_factory(self):
+        """A no-argument callable that loads the pipeline and returns its Scheduler."""
+
+        def load() -> Scheduler:
+            from ..pipeline import LadrPipeline
+
+            batch = 1 if self.mode == "sequential" else self.batch
+            if self.engine is not None:
+                pipe = LadrPipeline.from_engine(self.engine, self.device, self.height, self.width, self.prompt_budget,
+                                                batch, model_dir=self.model)
+            else:
+                pipe = LadrPipeline.from_pretrained(self.model, self.height, self.width, self.prompt_budget,
+                                                    dtype=self.dtype, device=self.device,
+                                                    batch=batch or DEFAULT_BATCH)
+            return Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
+
+        return load
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use or a bad host is one line, not
+    uvicorn's log and exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host!r} is not an address this machine can listen on ({e.strerror}); use "
+                         "127.0.0.1, 0.0.0.0 or one of its interface addresses") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop reuses the port
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = "is in use by another process" if e.errno in (98, 48) else f"cannot be bound ({e.strerror})"
+        raise ServeError(f"--port {port} on {host} {why}; choose another --port (or stop the other server)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(opts: ServeOptions, log=print) -> str | None:
+    """Serves until SIGINT/SIGTERM; returns the name of the signal that stopped it, or raises
+    ServeError when the model fails to load (the server stops then too)."""
+    import threading
+
+    import uvicorn
+
+    from .app import AppConfig, create_app
+
+    sock = bind(opts.host, opts.port)
+    app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n))
+
+    class Server(uvicorn.Server):
+        stopped_by = None
+
+        def handle_exit(self, sig, frame):
+            self.stopped_by = sig
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the caught signal after its clean shutdown, which would turn a
+            # Ctrl-C into a KeyboardInterrupt traceback or SIGTERM into a kill: the shutdown
+            # is already done, so drop it here.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    getattr(self, "_captured_signals", []).clear()
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="on"))
+
+    def watch_load():
+        loader = None
+        while loader is None and not server.should_exit:
+            loader = getattr(app.state, "loader", None)
+            threading.Event().wait(0.05)
+        if loader is not None:
+            loader.join()
+        if app.state.ladr["error"] is not None:
+            server.should_exit = True
+        else:
+            host, port = sock.getsockname()[:2]
+            s = app.state.ladr["sched"]
+            spec = s.pipe.seq.spec
+            log(f"ready: http://{host}:{port}/v1/images/generations ({spec.width}x{spec.height}, batch "
+                f"{s.pipe.batch}, {opts.mode}, {s.pipe.denoiser.name} on {s.pipe.denoiser.device})")
+
+    host, port = sock.getsockname()[:2]
+    log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
+    threading.Thread(target=watch_load, daemon=True).start()
+    server.run(sockets=[sock])
+    if app.state.ladr["error"] is not None:
+        raise ServeError(f"the model failed to load: {app.state.ladr['error']}")
+    import signal
+
+    return signal.Signals(server.stopped_by).name if server.stopped_by else None
