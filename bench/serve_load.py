@@ -64,7 +64,10 @@ def machine(threads: int) -> dict:
     except OSError:
         load = None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": threads,
-            "load_average_at_start": load, "python": platform.python_version(), "platform": platform.platform()}
+            "load_average_at_start": load, "python": platform.python_version(), "platform": platform.platform(),
+            "parallel_info": torch.__config__.parallel_info().strip().splitlines(),
+            "numerics_env": {k: os.environ.get(k) for k in ("MKL_CBWR", "MKL_DYNAMIC", "OMP_DYNAMIC", "OMP_NUM_THREADS",
+                                                            "MKL_NUM_THREADS")}}
 
 
 def git_commit() -> str:
@@ -315,6 +318,10 @@ def run(args) -> dict:
     report["images_compared"] = len(compared)
     report["images_differing"] = sorted((i for i in compared if len(seen[i]) > 1), key=int)
     report["images_equal_across_modes"] = bool(compared) and not report["images_differing"]
+    report["differing_detail"] = {  # where each differing request ran, per configuration
+        i: [{"mode": c["mode"], "batch": c["batch"], **{k: c["per_request"][i][k] for k in
+                                                         ("digest", "evaluations", "slot", "admitted_step")}}
+            for c in report["configs"] if i in c["per_request"]] for i in report["images_differing"]}
     # continuous vs static at each B: measured images/s ratio against the ideal from static's batches
     cmp = []
     for B in args.batches:
@@ -489,6 +496,12 @@ def main(argv=None) -> dict:
     args.log("\n" + table(report))
     args.log(f"images equal across modes: {report['images_equal_across_modes']} "
              f"({report['images_compared']} requests compared)")
+    for i, where in report["differing_detail"].items():
+        groups: dict[str, list] = {}
+        for w in where:
+            groups.setdefault(w["digest"], []).append(f"{w['mode']} B={w['batch']} slot {w['slot']} "
+                                                      f"({w['evaluations']} evals)")
+        args.log(f"  request {i} differs: " + " | ".join("; ".join(v) for v in groups.values()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
     if args.plot:
