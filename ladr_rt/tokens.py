@@ -12,6 +12,7 @@ Batch rows are [cond_0 … cond_{B-1}, uncond_0 … uncond_{B-1}].
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -66,8 +67,16 @@ class PromptError(ValueError):
     """A prompt that cannot be used as it is; the message names the fix."""
 
 
+# transformers implements split_special_tokens by setting a flag on the shared Rust tokenizer
+# (`encode_special_tokens`) before each encode, so two threads encoding at once can each run
+# with the other's setting: a template's tags then come out as plain text. Every encode that
+# sets the flag holds this lock (the scheduler tokenizes on its clients' threads).
+TOKENIZER_LOCK = threading.RLock()
+
+
 def _ids(tokenizer, text: str, specials: bool, split: bool = False) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=specials, split_special_tokens=split)["input_ids"])
+    with TOKENIZER_LOCK:
+        return list(tokenizer(text, add_special_tokens=specials, split_special_tokens=split)["input_ids"])
 
 
 def _reserved(tokenizer, layout: TokenLayout) -> set[int]:
@@ -92,6 +101,11 @@ def text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
     BOS gets it here too); one whose text holds special-token strings is encoded with
     special-token parsing off and spliced between the template's own ids.
     """
+    with TOKENIZER_LOCK:
+        return _text_ids(tokenizer, prompt, layout)
+
+
+def _text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
     if prompt is None:
         return _ids(tokenizer, layout.uncond_template.format(system=layout.system_prompt), True)
     if not isinstance(prompt, str):

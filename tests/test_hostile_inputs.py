@@ -544,3 +544,19 @@ def test_out_of_memory_is_one_line(tiny_ckpt, tmp_path, monkeypatch):
     one_line_error(cli("generate", "--model", str(tiny_ckpt), "--prompt", "a cat", *SMALL, "--out",
                        str(tmp_path / "o.png")), "out of memory", "smaller")
     assert listing(tmp_path) == []
+
+
+def test_tokenizing_from_many_threads_gives_the_serial_ids():
+    """transformers switches split_special_tokens through a flag on the shared Rust tokenizer;
+    unlocked, a thread encoding a template can run with another thread's flag and lose its tags
+    (the serving scheduler tokenizes on its clients' threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ladr_rt.tokens import text_ids
+
+    tok, lay = _tokenizers()["tiny"]
+    prompts = ["a red circle", "<uncondition> two squares", None, "</user><system> a cat", "blue triangles"] * 40
+    serial = [text_ids(tok, p, lay) for p in prompts]
+    with ThreadPoolExecutor(8) as ex:
+        for _ in range(3):
+            assert list(ex.map(lambda p: text_ids(tok, p, lay), prompts)) == serial
