@@ -18,7 +18,7 @@ order static ran them, recorded in the JSON), against the measured continuous/st
 images/s. Every request's codes and image bytes are hashed; ``images_equal_across_modes``
 says whether each request that finished in several configurations gave the same image.
 
-``--rss-requests N``: resident memory (psutil) before and after N more requests through one
+``--rss-requests N``: resident memory (/proc/self/statm) before and after N more requests through one
 continuous scheduler at ``--rss-batch`` (after its own warm-up), with samples along the way.
 
 Outputs: a table on stdout, ``--json`` (everything, per request included), ``--plot``
@@ -234,14 +234,22 @@ def run_config(pipe, sampler_cfg, mode: str, B: int, requests, args) -> dict:
     return out
 
 
+def rss_bytes() -> int:
+    """Resident set size now (Linux /proc; psutil elsewhere, if installed)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
 def rss_run(model, sampler_cfg, args) -> dict:
     """RSS before and after ``args.rss_requests`` requests through one continuous scheduler."""
-    import psutil
-
     from ladr_rt.pipeline import LadrPipeline
     from ladr_rt.serve import Scheduler
 
-    proc = psutil.Process()
     B = args.rss_batch
     size = args.rss_size or args.size
     pipe = LadrPipeline.from_pretrained(model, size, size, args.prompt_budget, batch=B)
@@ -252,16 +260,16 @@ def rss_run(model, sampler_cfg, args) -> dict:
 
     def sample(done: int) -> None:
         if done % every == 0:
-            samples.append({"requests": done, "rss_mib": proc.memory_info().rss / MiB})
+            samples.append({"requests": done, "rss_mib": rss_bytes() / MiB})
 
     try:
         warm_up(sched, max(args.warmup, 1) * B * 2, args.steps)
         gc.collect()
-        before = proc.memory_info().rss
+        before = rss_bytes()
         load = Load(sched, request_list(args.rss_requests), clients, args.steps, None, keep=False, on_done=sample)
         wall = load.run()
         gc.collect()
-        after = proc.memory_info().rss
+        after = rss_bytes()
         steps = sched.steps_run
     finally:
         sched.close()
