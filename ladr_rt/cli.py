@@ -170,16 +170,12 @@ def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg
 
 def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
               dtype, out, save_tokens, trace_path, progress) -> None:
-    from .tokens import PromptError
+    from .tokens import check_prompt
 
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
     try:
         scfg.validate()
-        if not prompt.strip():
-            raise PromptError("--prompt is empty; describe the image to generate")
-        for flag, v in (("--height", height), ("--width", width), ("--prompt-budget", prompt_budget)):
-            if v is not None and v <= 0:  # only an absent option takes the default; 0 is an answer, and wrong
-                raise ValueError(f"{flag} must be positive, got {v}")
+        check_prompt(prompt)  # sizes are checked by the pipeline, before anything heavy loads
     except ValueError as e:
         raise UserError(str(e)) from None
     outputs = {"--out": out, "--save-tokens": save_tokens, "--trace": trace_path}

@@ -309,7 +309,7 @@ class ImageSpec:
                 raise ValueError(f"--{name} {v} is over ladr-rt's limit of {MAX_SIDE} pixels; use {MAX_SIDE} or less")
         _option_int(self.prompt_budget, "--prompt-budget")
         if not 0 < self.prompt_budget <= MAX_PROMPT_BUDGET:
-            raise ValueError(f"--prompt-budget must be between 1 and {MAX_PROMPT_BUDGET}, got {self.prompt_budget}")
+            raise ValueError(f"--prompt-budget must be positive and at most {MAX_PROMPT_BUDGET}, got {self.prompt_budget}")
 
 
 # Limits on what a request may ask for: past them a run would only exhaust memory (a 1e9-step

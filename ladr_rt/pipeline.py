@@ -51,15 +51,14 @@ class CudaGraphs:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def capture(self, fn, device: torch.device, generator: torch.Generator | None = None):
+    def capture(self, fn, device: torch.device, generators: tuple[torch.Generator, ...] = ()):
         """One warm-up call of ``fn``, then ``fn`` captured into a new ``torch.cuda.CUDAGraph``.
 
         Warm-up and capture share one side stream: cuBLAS workspaces and allocator blocks are
         per stream, so a warm-up elsewhere would leave their lazy creation inside the capture.
-        ``generator``: the generator ``fn`` draws from, or a sequence of them (one per slot),
-        each registered so that each replay reads its current seed and offset and then advances
-        it (None: ``fn`` draws nothing). A CUDAGraph takes several registered generators; a
-        replay advances each by what the capture drew from it."""
+        ``generators``: those ``fn`` draws from (one per slot), each registered so that each
+        replay reads its current seed and offset and then advances it. A CUDAGraph takes
+        several registered generators; a replay advances each by what the capture drew from it."""
         cur = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(cur)
@@ -68,11 +67,11 @@ class CudaGraphs:
             with torch.cuda.stream(side):
                 fn()
             graph = torch.cuda.CUDAGraph()
-            if generator is not None:
+            if generators:
                 if not hasattr(graph, "register_generator_state"):
                     raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
                                        "replays could not draw fresh noise from the sampler's generator")
-                for g in (generator if isinstance(generator, (list, tuple)) else (generator,)):
+                for g in generators:
                     graph.register_generator_state(g)
             with torch.cuda.graph(graph, stream=side):
                 fn()
@@ -272,7 +271,7 @@ class LadrPipeline:
         try:
             # The generator is registered whether or not this config draws from it (a graph that
             # draws nothing advances it by 0): no sampler can then replay frozen noise.
-            graph = self.graphs.capture(lambda: self.step(sampler), dev, s.gen if s.B == 1 else tuple(s.gens))
+            graph = self.graphs.capture(lambda: self.step(sampler), dev, tuple(s.gens))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             warnings.warn(f"CUDA-graph capture of the step failed ({type(e).__name__}: {first}); running steps "

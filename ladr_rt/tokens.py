@@ -13,6 +13,7 @@ Batch rows are [cond_0 … cond_{B-1}, uncond_0 … uncond_{B-1}].
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -69,14 +70,28 @@ class PromptError(ValueError):
 
 # transformers implements split_special_tokens by setting a flag on the shared Rust tokenizer
 # (`encode_special_tokens`) before each encode, so two threads encoding at once can each run
-# with the other's setting: a template's tags then come out as plain text. Every encode that
-# sets the flag holds this lock (the scheduler tokenizes on its clients' threads).
-TOKENIZER_LOCK = threading.RLock()
+# with the other's setting: a template's tags then come out as plain text. text_ids, the one
+# caller of _ids, holds this lock for all of its encodes (the scheduler tokenizes on its
+# clients' threads).
+TOKENIZER_LOCK = threading.Lock()
 
 
 def _ids(tokenizer, text: str, specials: bool, split: bool = False) -> list[int]:
-    with TOKENIZER_LOCK:
-        return list(tokenizer(text, add_special_tokens=specials, split_special_tokens=split)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=specials, split_special_tokens=split)["input_ids"])
+
+
+def check_prompt(prompt) -> None:
+    """What a prompt must be before any tokenizer sees it (the CLI calls it before loading)."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError("the prompt is empty; describe the image to generate (guidance needs a prompt to differ "
+                          "from the unconditional row)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the prompt holds characters that are not valid Unicode text (undecodable bytes from the "
+                          "command line?); pass UTF-8 text") from None
 
 
 def _reserved(tokenizer, layout: TokenLayout) -> set[int]:
@@ -108,16 +123,7 @@ def text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
 def _text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
     if prompt is None:
         return _ids(tokenizer, layout.uncond_template.format(system=layout.system_prompt), True)
-    if not isinstance(prompt, str):
-        raise PromptError(f"a prompt must be text, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise PromptError("the prompt is empty; describe the image to generate (guidance needs a prompt to differ "
-                          "from the unconditional row)")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PromptError("the prompt holds characters that are not valid Unicode text (undecodable bytes from the "
-                          "command line?); pass UTF-8 text") from None
+    check_prompt(prompt)
     parts = [part.format(system=layout.system_prompt) for part in layout.cond_template.split("{prompt}")]
     reserved = _reserved(tokenizer, layout)
     template_only = _ids(tokenizer, "".join(parts), True)
@@ -145,12 +151,8 @@ def _text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
     return plain
 
 
-def _count(ids: list[int], reserved: set[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for i in ids:
-        if i in reserved:
-            out[i] = out.get(i, 0) + 1
-    return out
+def _count(ids: list[int], reserved: set[int]) -> Counter:
+    return Counter(i for i in ids if i in reserved)
 
 
 def build_rows(tokenizer, prompts: list[str], seq: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ class RecordingGraphs(CudaGraphs):
     and the capture's Python both really execute here, so the pipeline must undo both."""
 
     def __init__(self):
-        self.generators = []  # the generator each capture registered
+        self.generators = []  # the generators each capture registered
 
     def usable(self, device):
         return True
@@ -99,8 +99,8 @@ class RecordingGraphs(CudaGraphs):
     def synchronize(self, device):
         pass
 
-    def capture(self, fn, device, generator=None):
-        self.generators.append(generator)
+    def capture(self, fn, device, generators=()):
+        self.generators.append(generators)
         fn()
         fn()
         return FakeGraph(fn)
@@ -125,7 +125,7 @@ def test_step_graph_is_captured_once_per_config_and_reseeded_in_place(latency, m
         _same_run(got, plain.generate_codes(PROMPT, dataclasses.replace(ladr, seed=seed)))
         runs.setdefault(seed, []).append(got)
     assert len(graphs.generators) == 1, "a second call captured the step again"
-    assert graphs.generators[0] is pipe.state.gen  # replays must draw from the sampler's generator
+    assert graphs.generators[0] == (pipe.state.gen,)  # replays must draw from the sampler's generator
     assert runs[0][0][1]["capture_seconds"] > 0
     assert runs[1][0][1]["capture_seconds"] == 0.0 and runs[0][1][1]["capture_seconds"] == 0.0
     assert not torch.equal(runs[0][0][0], runs[1][0][0]), "the seed did not reach the replayed steps"
@@ -133,7 +133,7 @@ def test_step_graph_is_captured_once_per_config_and_reseeded_in_place(latency, m
     # another config has a graph of its own; the first one's is still there afterwards
     greedy = SamplerConfig(name="baseline", steps=5, temperature=0.0, cfg=2.0)
     _same_run(pipe.generate_codes(PROMPT, greedy), plain.generate_codes(PROMPT, greedy))
-    assert len(graphs.generators) == 2 and graphs.generators[1] is pipe.state.gen
+    assert len(graphs.generators) == 2 and graphs.generators[1] == (pipe.state.gen,)
     pipe.generate_codes(PROMPT, ladr)
     assert len(graphs.generators) == 2
 
