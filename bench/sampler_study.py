@@ -181,15 +181,20 @@ def plot(report: dict, path: Path) -> None:
     atomic_write(path, fig.savefig)
 
 
-def update_results(report: dict, path: Path) -> None:
-    block = table(report)
+def replace_section(path: Path, block: str, start: str, end: str, heading: str) -> None:
+    """``block`` (which begins with ``start`` and ends with ``end``) in place of the text between
+    those markers in ``path``; without them, appended under ``## heading``. Atomic."""
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        text = pre + block + rest.split(END, 1)[1]
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        text = pre + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Sampler study\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     atomic_write_text(path, text)
+
+
+def update_results(report: dict, path: Path) -> None:
+    replace_section(path, table(report), START, END, "Sampler study")
 
 
 def main(argv=None) -> None:

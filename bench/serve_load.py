@@ -44,18 +44,10 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling benchmark's helpers, however this file is loaded
+from sampler_study import cpu_name, replace_section  # noqa: E402
 START, END = "<!-- serve-load:start -->", "<!-- serve-load:end -->"
 MiB = 1 << 20
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(threads: int) -> dict:
@@ -395,16 +387,7 @@ def results_block(report: dict, plot_name: str | None) -> str:
 
 
 def update_results(report: dict, path: Path, plot_name: str | None) -> None:
-    from ladr_rt.fileio import atomic_write_text
-
-    block = results_block(report, plot_name)
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        text = pre + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Serving load\n\n" + block + "\n"
-    atomic_write_text(path, text)
+    replace_section(path, results_block(report, plot_name), START, END, "Serving load")
 
 
 def plot(report: dict, path: Path) -> None:
