@@ -1,25 +1,38 @@
-"""Serving load benchmark (issue 15): the step-level ``Scheduler`` under closed-loop clients, in-process.
+"""Serving load benchmark (issue 15): real ``ladr-rt serve`` processes under closed-loop HTTP clients on loopback.
 
     python bench/serve_load.py --rss-requests 1000 --results bench/RESULTS.md --plot bench/serve_load.png
 
 Per configuration (mode x batch size B; sequential at B = 1, static and continuous at every
-``--batches``) one ``Scheduler`` over the shipped testbed model (eager, CPU, fp32, LADR, the
-model's default cfg, temperature 1). ``--clients`` threads (default 2·B) work through one fixed
-request list (``--requests`` held-out testbed prompts, seeds 0..N-1, the same list for every
-configuration), each waiting for its future before sending the next (closed loop). Timing
-starts after ``--warmup`` requests per slot; submission stops after ``--max-seconds``.
+``--batches``) one ``ladr-rt serve`` subprocess on 127.0.0.1 (port 0) over the shipped testbed
+model (eager, CPU, fp32, LADR, the model's default cfg, temperature 1). ``--clients`` threads
+(default 2·B), each with its own keep-alive HTTP connection, work through one fixed request list
+(``--requests`` held-out testbed prompts, seeds 0..N-1, the same list everywhere), each waiting
+for its response before sending the next (closed loop). Latency is the client's: POST to parsed
+response, so it includes HTTP, queueing, the steps, VQ decode and PNG encoding. Timing starts
+after ``--warmup`` requests per slot (other seeds); submission stops after ``--max-seconds``.
 
-Per configuration: images/s, p50/p95/p99 latency (submit -> result, VQ decode included),
-errors by type, the scheduler's steps and the mean evaluations per image. For static vs
-continuous at each B the ideal throughput ratio from the static run's own batches:
-static pays max(evaluations) per batch, continuous the mean, so
-``ideal = mean over static batches of max(evals in batch) / mean(evals)`` (batches in the
-order static ran them, recorded in the JSON), against the measured continuous/static
-images/s. Every request's codes and image bytes are hashed; ``images_equal_across_modes``
-says whether each request that finished in several configurations gave the same image.
+The configurations of one B run in ``--rounds`` interleaved rounds (the order rotates each
+round, every server stays up), so a drift in the shared machine's speed lands on all of them
+alike; per configuration the median round is reported and latencies are pooled.
 
-``--rss-requests N``: resident memory (/proc/self/statm) before and after N more requests through one
-continuous scheduler at ``--rss-batch`` (after its own warm-up), with samples along the way.
+Per round: images/s, latency percentiles, errors by kind, the server's steps (``/metrics``'
+``ladr_rt_steps_total``) and each image's evaluations (from the response). Continuous vs static
+at each B, per round and as the median over rounds:
+
+* ``measured``: continuous images/s / static images/s;
+* ``ideal``: from the round's own evaluation counts: static's steps (each batch runs to its
+  slowest request, partly filled batches included) over the fewest a continuous batch could
+  take for the same images, sum(evaluations) / B;
+* ``steps_ratio``: static's steps / continuous's steps (continuous also pays its tail, when the
+  list runs out and slots fall idle), and ``step_time_ratio``: seconds per step, continuous over
+  static (1 when a step costs the same in both modes).
+
+Every response's PNG is hashed; ``images_equal`` says whether each request gave the same bytes
+in every configuration and round.
+
+``--rss-requests N``: the resident memory (/proc/PID/statm) of the continuous B = ``--rss-batch``
+server before and after N more requests, sampled along the way, with the least-squares slope
+over the second half (MiB per 1000 requests): a leak grows linearly, an allocator settling does not.
 
 Outputs: a table on stdout, ``--json`` (everything, per request included), ``--plot``
 (optional), the ``serve-load`` section of ``--results`` (optional) and, last, one JSON line.
@@ -27,13 +40,15 @@ Outputs: a table on stdout, ``--json`` (everything, per request included), ``--p
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
-import gc
 import hashlib
 import json
 import os
 import platform
+import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -46,8 +61,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark's helpers, however this file is loaded
 from sampler_study import cpu_name, replace_section  # noqa: E402
+
 START, END = "<!-- serve-load:start -->", "<!-- serve-load:end -->"
 MiB = 1 << 20
+ROUTE = "/v1/images/generations"
 
 
 def machine(threads: int) -> dict:
@@ -55,11 +72,8 @@ def machine(threads: int) -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": threads,
-            "load_average_at_start": load, "python": platform.python_version(), "platform": platform.platform(),
-            "parallel_info": torch.__config__.parallel_info().strip().splitlines(),
-            "numerics_env": {k: os.environ.get(k) for k in ("MKL_CBWR", "MKL_DYNAMIC", "OMP_DYNAMIC", "OMP_NUM_THREADS",
-                                                            "MKL_NUM_THREADS")}}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "server_torch_threads": threads,
+            "load_average_at_start": load, "python": platform.python_version(), "platform": platform.platform()}
 
 
 def git_commit() -> str:
@@ -70,34 +84,121 @@ def git_commit() -> str:
         return ""
 
 
-def request_list(n: int) -> list[tuple[str, int]]:
-    """(prompt, seed): held-out testbed prompts in ``eval_items`` order (cycled), seeds 0..n-1."""
+def request_list(n: int, seed0: int = 0) -> list[tuple[str, int]]:
+    """(prompt, seed): held-out testbed prompts in ``eval_items`` order (cycled), seeds seed0..seed0+n-1."""
     from ladr_rt.testbed import eval_items
 
     items = eval_items(8)
-    return [(items[i % len(items)].prompt, i) for i in range(n)]
+    return [(items[i % len(items)].prompt, seed0 + i) for i in range(n)]
 
 
 def percentile(xs, q) -> float | None:
     return float(np.percentile(xs, q)) if len(xs) else None
 
 
-def image_digest(res) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(res.codes).tobytes())
-    img = res.image
-    h.update(f"{img.size}{img.mode}".encode())
-    h.update(img.tobytes())
-    return h.hexdigest()[:16]
+# ---------------------------------------------------------------------------------------------- the server
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+class Server:
+    """One ``ladr-rt serve`` subprocess on loopback; its stderr is drained by a thread (the
+    last lines kept for an error message)."""
+
+    def __init__(self, mode: str, batch: int, args, max_queue: int):
+        cmd = [sys.executable, "-m", "ladr_rt.cli", "serve", "--mode", mode, "--host", "127.0.0.1", "--port", "0",
+               "--max-queue", str(max_queue), "--height", str(args.size), "--width", str(args.size),
+               "--prompt-budget", str(args.prompt_budget), "--temperature", str(args.temperature), "--device", "cpu",
+               "--sampler", "ladr"]
+        if mode != "sequential":
+            cmd += ["--batch", str(batch)]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        if args.cfg is not None:
+            cmd += ["--cfg", str(args.cfg)]
+        if args.model:
+            cmd += ["--model", args.model]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(args.threads),
+                   MKL_NUM_THREADS=str(args.threads))
+        self.mode, self.batch, self.cmd = mode, batch, cmd
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self._events: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = self._wait_ready(args.start_timeout)
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines = (self.lines + [line.rstrip()])[-20:]
+            self._events.put(line)
+        self._events.put(None)
+
+    def _wait_ready(self, timeout: float) -> str:
+        deadline, url = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                line = self._events.get(timeout=max(0.05, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if "listening on http://" in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+            if "ready: http://" in line and url:
+                return url
+        self.close()
+        raise ServerFailed(f"`{' '.join(self.cmd[2:])}` did not become ready: " + " | ".join(self.lines[-5:]))
+
+    def metrics(self, client) -> dict[str, float]:
+        text = client.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, v = line.partition(" ")
+                out[name] = float(v)
+        return out
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+
+def post(client, url: str, prompt: str, seed: int) -> dict:
+    """One request; a row with the response's numbers and the PNG's digest, or raises."""
+    t0 = time.perf_counter()
+    r = client.post(url + ROUTE, json={"prompt": prompt, "seed": seed, "n": 1, "response_format": "b64_json"})
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    d = r.json()["data"][0]
+    t1 = time.perf_counter()
+    return {"latency_s": t1 - t0, "evaluations": d["evaluations"], "run_s": d["seconds"],
+            "queued_s": d["queued_seconds"],
+            "digest": hashlib.sha256(base64.b64decode(d["b64_json"])).hexdigest()[:16]}
 
 
 class Load:
-    """Closed-loop clients over one scheduler: each takes the next request index, submits it
-    and waits for the result before taking another."""
+    """Closed-loop clients: each takes the next request index, posts it and waits for the
+    response before taking another."""
 
-    def __init__(self, sched, requests, clients: int, steps: int | None, max_seconds: float | None,
-                 keep: bool = True, on_done=None):
-        self.sched, self.requests, self.clients, self.steps = sched, requests, clients, steps
-        self.max_seconds, self.keep, self.on_done = max_seconds, keep, on_done
+    def __init__(self, url: str, requests, clients: int, max_seconds: float | None, keep: bool = True,
+                 on_done=None):
+        self.url, self.requests, self.clients, self.max_seconds = url, requests, clients, max_seconds
+        self.keep, self.on_done = keep, on_done
         self.lock = threading.Lock()
         self.next = 0
         self.rows: dict[int, dict] = {}
@@ -117,33 +218,28 @@ class Load:
             return i
 
     def _client(self, deadline) -> None:
-        while (i := self._take(deadline)) is not None:
-            prompt, seed = self.requests[i]
-            t0 = time.perf_counter()
-            try:
-                res = self.sched.submit(prompt, seed=seed, steps=self.steps).result()
-            except Exception as e:  # counted, never raised: the run reports errors == 0 or not
+        import httpx
+
+        with httpx.Client(timeout=600) as client:
+            while (i := self._take(deadline)) is not None:
+                prompt, seed = self.requests[i]
+                try:
+                    row = post(client, self.url, prompt, seed)
+                except Exception as e:  # counted, never raised: the run reports errors == 0 or not
+                    name = str(e).split(":")[0] if isinstance(e, RuntimeError) else type(e).__name__
+                    with self.lock:
+                        self.errors[name] = self.errors.get(name, 0) + 1
+                        self.error_examples.setdefault(name, str(e)[:300])
+                    continue
                 with self.lock:
-                    name = type(e).__name__
-                    self.errors[name] = self.errors.get(name, 0) + 1
-                    self.error_examples.setdefault(name, str(e)[:300])
-                continue
-            t1 = time.perf_counter()
-            row = {"latency_s": t1 - t0, "done_s": t1, "evaluations": res.evaluations,
-                   "admitted_step": res.admitted_step, "slot": res.slot, "queued_s": res.queued_seconds,
-                   "run_s": res.run_seconds}
-            if self.keep:
-                row["digest"] = image_digest(res)
-            del res
-            with self.lock:
-                self.done += 1
-                if self.keep:
-                    self.rows[i] = row
-                if self.on_done is not None:
-                    self.on_done(self.done)
+                    self.done += 1
+                    if self.keep:
+                        self.rows[i] = row
+                    if self.on_done is not None:
+                        self.on_done(self.done)
 
     def run(self) -> float:
-        """Wall seconds from the first submission to the last result."""
+        """Wall seconds from the first submission to the last response."""
         t0 = time.perf_counter()
         deadline = None if self.max_seconds is None else t0 + self.max_seconds
         threads = [threading.Thread(target=self._client, args=(deadline,), daemon=True) for _ in range(self.clients)]
@@ -154,195 +250,200 @@ class Load:
         return time.perf_counter() - t0
 
 
-def warm_up(sched, n: int, steps: int | None) -> None:
+def warm_up(url: str, n: int) -> None:
     """``n`` requests outside the measured list (other seeds), all at once, to fill every slot."""
-    if n <= 0:
-        return
-    reqs = request_list(n)
-    futs = [sched.submit(p, seed=10**9 + s, steps=steps) for p, s in reqs]
-    for f in futs:
-        f.result()
+    if n > 0:
+        load = Load(url, request_list(n, seed0=10**9), n, None, keep=False)
+        load.run()
+        if load.errors:
+            raise ServerFailed(f"warm-up failed: {load.error_examples}")
 
 
-def static_batches(rows: dict[int, dict]) -> list[list[int]]:
-    """The static run's batches in the order it ran them: requests admitted at the same
-    scheduler step formed one batch (static admits only into an all-free batch)."""
-    by_step: dict[int, list[int]] = {}
-    for i, r in rows.items():
-        by_step.setdefault(r["admitted_step"], []).append(i)
-    return [sorted(by_step[k], key=lambda i: rows[i]["slot"]) for k in sorted(by_step)]
+# ---------------------------------------------------------------------------------------------- one round
 
 
-def ideal_ratio(rows: dict[int, dict], batches: list[list[int]], B: int) -> dict:
-    """``ideal``: the issue's ratio, mean over batches of max(evals) / mean(evals) (full batches
-    assumed). ``ideal_with_fill`` also charges static for batches it started with fewer than B
-    requests: static's steps per image (sum of batch maxima / images) over a full continuous
-    batch's (mean evals / B)."""
-    evals = [rows[i]["evaluations"] for b in batches for i in b]
-    maxes = [max(rows[i]["evaluations"] for i in b) for b in batches]
-    mean_eval = float(np.mean(evals))
-    return {"ideal": float(np.mean(maxes)) / mean_eval, "ideal_with_fill": B * sum(maxes) / sum(evals),
-            "mean_batch_max_evaluations": float(np.mean(maxes)),
-            "mean_evaluations": mean_eval, "sum_batch_max_evaluations": int(sum(maxes)),
-            "mean_batch_size": float(np.mean([len(b) for b in batches]))}
-
-
-def run_config(pipe, sampler_cfg, mode: str, B: int, requests, args) -> dict:
-    from ladr_rt.serve import Scheduler
-
-    clients = args.clients or 2 * B
-    sched = Scheduler(pipe, sampler_cfg, mode=mode, max_queue=max(64, clients))
-    try:
-        warm_up(sched, args.warmup * B, args.steps)
-        steps0 = sched.steps_run
-        load = Load(sched, requests, clients, args.steps, args.max_seconds)
-        wall = load.run()
-        steps = sched.steps_run - steps0
-        cfg_used = sched.cfg.cfg
-    finally:
-        sched.close()
+def run_round(server: Server, requests, clients: int, args, client) -> dict:
+    steps0 = server.metrics(client)["ladr_rt_steps_total"]
+    load = Load(server.url, requests, clients, args.max_seconds)
+    wall = load.run()
+    steps = int(server.metrics(client)["ladr_rt_steps_total"] - steps0)
     rows = load.rows
     lat = [r["latency_s"] for r in rows.values()]
     evals = [r["evaluations"] for r in rows.values()]
     n = len(rows)
-    out = {"mode": mode, "batch": B, "clients": clients, "completed": n, "submitted": load.next,
-           "truncated": load.truncated, "wall_s": wall, "images_per_s": n / wall if wall > 0 else None,
-           "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
-           "latency_p99_s": percentile(lat, 99), "latency_mean_s": float(np.mean(lat)) if lat else None,
-           "queued_p50_s": percentile([r["queued_s"] for r in rows.values()], 50),
-           "errors": sum(load.errors.values()), "errors_by_type": load.errors, "error_examples": load.error_examples,
-           "steps_run": steps, "evaluations_total": int(sum(evals)),
-           "evaluations_per_image": float(np.mean(evals)) if evals else None,
-           "slot_evaluations_per_step": (sum(evals) / (steps * B)) if steps else None,  # slot occupancy
-           "cfg": cfg_used,
-           "per_request": {str(i): rows[i] for i in sorted(rows)}}
-    for r in rows.values():
-        r.pop("done_s", None)
-    if mode == "static" and rows:
-        batches = static_batches(rows)
-        out["static_batches"] = batches
-        out["ideal"] = ideal_ratio(rows, batches, B)
-        out["ideal"]["steps_equal_sum_of_batch_max"] = out["ideal"]["sum_batch_max_evaluations"] == steps
-    return out
+    return {"completed": n, "submitted": load.next, "truncated": load.truncated, "wall_s": wall,
+            "images_per_s": n / wall if wall > 0 else None, "latency_p50_s": percentile(lat, 50),
+            "latency_p99_s": percentile(lat, 99), "errors": sum(load.errors.values()),
+            "errors_by_type": load.errors, "error_examples": load.error_examples, "steps_run": steps,
+            "evaluations_total": int(sum(evals)), "seconds_per_step": wall / steps if steps else None,
+            "per_request": {str(i): rows[i] for i in sorted(rows)}}
 
 
-def rss_bytes() -> int:
-    """Resident set size now (Linux /proc; psutil elsewhere, if installed)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
+def summarise(mode: str, B: int, clients: int, rounds: list[dict]) -> dict:
+    """One configuration over its rounds: the median round's images/s, pooled latencies."""
+    lat = [r["latency_s"] for rd in rounds for r in rd["per_request"].values()]
+    evals = [r["evaluations"] for rd in rounds for r in rd["per_request"].values()]
+    ips = [rd["images_per_s"] for rd in rounds if rd["images_per_s"]]
+    errors: dict[str, int] = {}
+    for rd in rounds:
+        for k, v in rd["errors_by_type"].items():
+            errors[k] = errors.get(k, 0) + v
+    return {"mode": mode, "batch": B, "clients": clients, "rounds": len(rounds),
+            "completed": sum(rd["completed"] for rd in rounds), "truncated": any(rd["truncated"] for rd in rounds),
+            "images_per_s": float(np.median(ips)) if ips else None, "images_per_s_rounds": ips,
+            "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+            "latency_p99_s": percentile(lat, 99), "latency_mean_s": float(np.mean(lat)) if lat else None,
+            "queued_p50_s": percentile([r["queued_s"] for rd in rounds for r in rd["per_request"].values()], 50),
+            "errors": sum(errors.values()), "errors_by_type": errors,
+            "steps_run": int(np.median([rd["steps_run"] for rd in rounds])),
+            "evaluations_per_image": float(np.mean(evals)) if evals else None,
+            "seconds_per_step": float(np.median([rd["seconds_per_step"] for rd in rounds if rd["seconds_per_step"]]))
+            if any(rd["seconds_per_step"] for rd in rounds) else None,
+            "round_detail": rounds}
 
-        return psutil.Process().memory_info().rss
+
+def compare(st: dict, co: dict, B: int) -> dict:
+    """Continuous vs static at one B, round by round (round r of each ran back to back)."""
+    per = []
+    for a, b in zip(st["round_detail"], co["round_detail"]):
+        if not (a["images_per_s"] and b["images_per_s"] and a["completed"] and a["steps_run"] and b["steps_run"]):
+            continue
+        ideal = a["steps_run"] * B / a["evaluations_total"]
+        measured = b["images_per_s"] / a["images_per_s"]
+        per.append({"measured": measured, "ideal": ideal, "measured_over_ideal": measured / ideal,
+                    "steps_ratio": a["steps_run"] / b["steps_run"],
+                    "step_time_ratio": b["seconds_per_step"] / a["seconds_per_step"],
+                    "static_steps": a["steps_run"], "continuous_steps": b["steps_run"],
+                    "continuous_min_steps": b["evaluations_total"] / B})
+    if not per:
+        return {"batch": B, "rounds": []}
+    med = {k: float(np.median([p[k] for p in per])) for k in
+           ("measured", "ideal", "measured_over_ideal", "steps_ratio", "step_time_ratio")}
+    return {"batch": B, **med, "rounds": per}
 
 
-def rss_run(model, sampler_cfg, args) -> dict:
-    """RSS before and after ``args.rss_requests`` requests through one continuous scheduler."""
-    from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.serve import Scheduler
-
-    B = args.rss_batch
-    size = args.rss_size or args.size
-    pipe = LadrPipeline.from_pretrained(model, size, size, args.prompt_budget, batch=B)
+def rss_run(server: Server, args, client) -> dict:
+    """The server's RSS before, along and after ``args.rss_requests`` more requests."""
+    B = server.batch
     clients = args.clients or 2 * B
-    sched = Scheduler(pipe, sampler_cfg, mode="continuous", max_queue=max(64, clients))
     samples = []
-    every = max(1, args.rss_requests // 10)
+    every = max(1, args.rss_requests // 20)
 
     def sample(done: int) -> None:
         if done % every == 0:
-            samples.append({"requests": done, "rss_mib": rss_bytes() / MiB})
+            samples.append({"requests": done, "rss_mib": server.rss_bytes() / MiB})
 
-    try:
-        warm_up(sched, max(args.warmup, 1) * B * 2, args.steps)
-        gc.collect()
-        before = rss_bytes()
-        load = Load(sched, request_list(args.rss_requests), clients, args.steps, None, keep=False, on_done=sample)
-        wall = load.run()
-        gc.collect()
-        after = rss_bytes()
-        steps = sched.steps_run
-    finally:
-        sched.close()
-    return {"requests": args.rss_requests, "completed": load.done, "batch": B, "size": f"{size}x{size}",
-            "clients": clients, "wall_s": wall, "errors": sum(load.errors.values()), "errors_by_type": load.errors,
+    warm_up(server.url, max(args.warmup, 1) * B * 2)
+    before = server.rss_bytes()
+    load = Load(server.url, request_list(args.rss_requests, seed0=2 * 10**9), clients, None, keep=False,
+                on_done=sample)
+    wall = load.run()
+    after = server.rss_bytes()
+    half = [s for s in samples if s["requests"] > args.rss_requests / 2]
+    slope = None
+    if len(half) >= 3:
+        x = np.array([s["requests"] for s in half], dtype=float)
+        y = np.array([s["rss_mib"] for s in half])
+        slope = float(np.polyfit(x, y, 1)[0] * 1000)
+    rss = [s["rss_mib"] for s in samples]
+    return {"requests": args.rss_requests, "completed": load.done, "batch": B, "mode": server.mode,
+            "size": f"{args.size}x{args.size}", "clients": clients, "wall_s": wall,
+            "errors": sum(load.errors.values()), "errors_by_type": load.errors,
             "rss_before_mib": before / MiB, "rss_after_mib": after / MiB, "growth_mib": (after - before) / MiB,
-            "samples": samples, "steps_run": steps}
+            "rss_min_mib": min(rss) if rss else None, "rss_max_mib": max(rss) if rss else None,
+            "second_half_slope_mib_per_1000": slope, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------- the run
 
 
 def run(args) -> dict:
-    from ladr_rt.config import SamplerConfig
-    from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import model_dir
+    import httpx
 
-    torch.set_num_threads(args.threads)
-    model = Path(args.model) if args.model else model_dir()
-    sampler_cfg = SamplerConfig(name="ladr", steps=args.steps or SamplerConfig.steps, cfg=args.cfg,
-                                temperature=args.temperature)
     requests = request_list(args.requests)
-    configs = [(m, 1) for m in args.modes if m == "sequential"]
-    configs += [(m, B) for B in args.batches for m in args.modes if m != "sequential"]
+    groups: list[tuple[int, list[str]]] = []  # (B, modes), the configurations that alternate
+    if "sequential" in args.modes:
+        groups.append((1, ["sequential"] + [m for m in args.modes if m != "sequential" and 1 in args.batches]))
+    for B in args.batches:
+        if B == 1 and groups:
+            continue
+        ms = [m for m in args.modes if m != "sequential"]
+        if ms:
+            groups.append((B, ms))
     report = {"command": " ".join(["python bench/serve_load.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(args.threads),
-              "git_commit": git_commit(), "model": str(model.name),
+              "git_commit": git_commit(), "model": args.model or "shipped testbed model",
               "settings": {"size": f"{args.size}x{args.size}", "prompt_budget": args.prompt_budget, "sampler": "ladr",
-                           "steps": sampler_cfg.steps, "cfg": args.cfg, "temperature": args.temperature,
+                           "steps": args.steps, "cfg": args.cfg, "temperature": args.temperature,
                            "requests": args.requests, "clients": args.clients or "2*B", "warmup_per_slot": args.warmup,
-                           "max_seconds": args.max_seconds, "batches": args.batches, "modes": args.modes,
-                           "backend": "eager", "device": "cpu", "dtype": "float32",
+                           "rounds": args.rounds, "max_seconds": args.max_seconds, "batches": args.batches,
+                           "modes": args.modes, "transport": "HTTP/1.1 on 127.0.0.1, one keep-alive connection per client",
+                           "server": "ladr-rt serve subprocess, eager fp32 on the CPU",
                            "request_list_sha": hashlib.sha256(json.dumps(requests).encode()).hexdigest()[:16]},
-              "configs": []}
-    pipes: dict[int, LadrPipeline] = {}
-    base = None
-    for mode, B in configs:
-        if B not in pipes:  # one model load; other batch sizes share its weights
-            if base is None:
-                base = pipes[B] = LadrPipeline.from_pretrained(model, args.size, args.size, args.prompt_budget,
-                                                               batch=B)
-            else:
-                pipes[B] = LadrPipeline(base.denoiser, base.tokenizer, base.vq, base.layout, base.seq.spec, B,
-                                        base.default_cfg, base.vocab_size)
-        row = run_config(pipes[B], sampler_cfg, mode, B, requests, args)
-        report["configs"].append(row)
-        args.log(f"{mode:10s} B={B:<2d} {row['completed']:4d} images  {row['images_per_s'] or 0:7.2f} img/s  "
-                 f"p50 {row['latency_p50_s'] or 0:.3f} s  p99 {row['latency_p99_s'] or 0:.3f} s  "
-                 f"steps {row['steps_run']}  errors {row['errors']}" + ("  TRUNCATED" if row["truncated"] else ""))
-    report["settings"]["cfg_used"] = next((c["cfg"] for c in report["configs"]), args.cfg)
-    # Images equal across configurations: every request finished in two or more of them.
+              "configs": [], "continuous_vs_static": []}
+    rss_server = None
+    with httpx.Client(timeout=60) as client:
+        for B, modes in groups:
+            clients = args.clients or 2 * B
+            servers = {}
+            try:
+                for m in modes:
+                    servers[m] = Server(m, B, args, max_queue=max(64, 2 * clients))
+                    warm_up(servers[m].url, args.warmup * B)
+                rounds: dict[str, list[dict]] = {m: [] for m in modes}
+                for r in range(args.rounds):
+                    order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate: no mode always goes first
+                    for m in order:
+                        rd = run_round(servers[m], requests, clients, args, client)
+                        rd["round"], rd["position"] = r, order.index(m)
+                        rounds[m].append(rd)
+                        args.log(f"{m:10s} B={B:<2d} round {r}: {rd['completed']:4d} images  "
+                                 f"{rd['images_per_s'] or 0:6.2f} img/s  p50 {rd['latency_p50_s'] or 0:.3f} s  "
+                                 f"steps {rd['steps_run']}  errors {rd['errors']}"
+                                 + ("  TRUNCATED" if rd["truncated"] else ""))
+                for m in modes:
+                    report["configs"].append(summarise(m, B, clients, rounds[m]))
+                if "static" in modes and "continuous" in modes:
+                    st, co = (next(c for c in report["configs"] if c["mode"] == m and c["batch"] == B)
+                              for m in ("static", "continuous"))
+                    report["continuous_vs_static"].append(compare(st, co, B))
+                if args.rss_requests and B == args.rss_batch and "continuous" in servers:
+                    rss_server = servers.pop("continuous")
+                    report["rss"] = rss_run(rss_server, args, client)
+            finally:
+                for s in servers.values():
+                    s.close()
+                if rss_server is not None:
+                    rss_server.close()
+                    rss_server = None
+        if args.rss_requests and "rss" not in report:  # --rss-batch is not among --batches
+            s = Server("continuous", args.rss_batch, args, max_queue=64)
+            try:
+                report["rss"] = rss_run(s, args, client)
+            finally:
+                s.close()
+    if "rss" in report:
+        r = report["rss"]
+        args.log(f"RSS over {r['completed']} requests ({r['mode']} B={r['batch']}, {r['size']}): "
+                 f"{r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB ({r['growth_mib']:+.1f} MiB)")
+    # Images equal: every request gave one PNG whatever configuration and round served it.
     seen: dict[str, set] = {}
+    count: dict[str, int] = {}
     for c in report["configs"]:
-        for i, r in c["per_request"].items():
-            seen.setdefault(i, set()).add(r["digest"])
-    compared = [i for i in seen if sum(i in c["per_request"] for c in report["configs"]) > 1]
+        for rd in c["round_detail"]:
+            for i, row in rd["per_request"].items():
+                seen.setdefault(i, set()).add(row["digest"])
+                count[i] = count.get(i, 0) + 1
+    compared = [i for i in seen if count[i] > 1]
     report["images_compared"] = len(compared)
     report["images_differing"] = sorted((i for i in compared if len(seen[i]) > 1), key=int)
-    report["images_equal_across_modes"] = bool(compared) and not report["images_differing"]
-    report["differing_detail"] = {  # where each differing request ran, per configuration
-        i: [{"mode": c["mode"], "batch": c["batch"], **{k: c["per_request"][i][k] for k in
-                                                         ("digest", "evaluations", "slot", "admitted_step")}}
-            for c in report["configs"] if i in c["per_request"]] for i in report["images_differing"]}
-    # continuous vs static at each B: measured images/s ratio against the ideal from static's batches
-    cmp = []
-    for B in args.batches:
-        st = next((c for c in report["configs"] if c["mode"] == "static" and c["batch"] == B), None)
-        co = next((c for c in report["configs"] if c["mode"] == "continuous" and c["batch"] == B), None)
-        if st and co and st.get("ideal") and st["images_per_s"] and co["images_per_s"]:
-            measured = co["images_per_s"] / st["images_per_s"]
-            cmp.append({"batch": B, "ideal": st["ideal"]["ideal"], "ideal_with_fill": st["ideal"]["ideal_with_fill"],
-                        "static_mean_batch_size": st["ideal"]["mean_batch_size"], "measured": measured,
-                        "measured_over_ideal": measured / st["ideal"]["ideal"],
-                        "steps_ratio_static_over_continuous": (st["steps_run"] / max(st["completed"], 1)) /
-                        (co["steps_run"] / max(co["completed"], 1))})
-    report["continuous_vs_static"] = cmp
-    if args.rss_requests:
-        report["rss"] = rss_run(model, sampler_cfg, args)
-        r = report["rss"]
-        args.log(f"RSS over {r['completed']} requests (continuous B={r['batch']}, {r['size']}): "
-                 f"{r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB ({r['growth_mib']:+.1f} MiB)")
+    report["images_equal"] = bool(compared) and not report["images_differing"]
     report["errors_total"] = sum(c["errors"] for c in report["configs"]) + report.get("rss", {}).get("errors", 0)
     report["truncated_any"] = any(c["truncated"] for c in report["configs"])
     return report
+
+
+# ---------------------------------------------------------------------------------------------- output
 
 
 def _f(x, fmt) -> str:
@@ -350,37 +451,48 @@ def _f(x, fmt) -> str:
 
 
 def table(report: dict) -> str:
-    lines = ["| mode | B | clients | images | images/s | p50 s | p95 s | p99 s | steps | evals/image | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | B | clients | images (all rounds) | images/s (median round) | p50 s | p95 s | p99 s | "
+             "steps per round | s per step | evals/image | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["configs"]:
         lines.append(f"| {c['mode']} | {c['batch']} | {c['clients']} | {c['completed']}"
                      f"{' (truncated)' if c['truncated'] else ''} | {_f(c['images_per_s'], '.2f')} | "
                      f"{_f(c['latency_p50_s'], '.3f')} | {_f(c['latency_p95_s'], '.3f')} | "
-                     f"{_f(c['latency_p99_s'], '.3f')} | {c['steps_run']} | {_f(c['evaluations_per_image'], '.2f')} | "
-                     f"{c['errors']} |")
-    if report["continuous_vs_static"]:
-        lines += ["", "| B | continuous/static images/s | ideal (static batch max / mean evals) | measured / ideal "
-                  "| static mean batch size | ideal with static's fill |", "|---|---|---|---|---|---|"]
-        for r in report["continuous_vs_static"]:
+                     f"{_f(c['latency_p99_s'], '.3f')} | {c['steps_run']} | {_f(c['seconds_per_step'], '.4f')} | "
+                     f"{_f(c['evaluations_per_image'], '.2f')} | {c['errors']} |")
+    cmp = [r for r in report["continuous_vs_static"] if r["rounds"]]
+    if cmp:
+        lines += ["", "| B | continuous/static images/s | ideal (static steps / (sum evals / B)) | measured / ideal "
+                  "| static/continuous steps | s per step, continuous/static | rounds |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cmp:
             lines.append(f"| {r['batch']} | {r['measured']:.3f} | {r['ideal']:.3f} | {r['measured_over_ideal']:.3f} | "
-                         f"{r['static_mean_batch_size']:.2f} | {r['ideal_with_fill']:.3f} |")
+                         f"{r['steps_ratio']:.3f} | {r['step_time_ratio']:.3f} | {len(r['rounds'])} |")
     return "\n".join(lines)
+
+
+def rss_line(r: dict) -> str:
+    slope = r["second_half_slope_mib_per_1000"]
+    return (f"RSS of the {r['mode']} B={r['batch']} server over {r['completed']} requests ({r['size']}, "
+            f"{r['clients']} clients, {r['errors']} errors): {r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB "
+            f"({r['growth_mib']:+.1f} MiB); samples every {max(1, r['requests'] // 20)} requests ranged "
+            f"{_f(r['rss_min_mib'], '.1f')}–{_f(r['rss_max_mib'], '.1f')} MiB; least-squares slope over the second "
+            f"half {_f(slope, '+.1f')} MiB per 1000 requests.")
 
 
 def results_block(report: dict, plot_name: str | None) -> str:
     m, s = report["machine"], report["settings"]
     text = (f"{START}\nCommand: `{report['command']}` — {report['date']}, git {report['git_commit']}.\n"
-            f"Machine: {m['cpu']}, {m['cores']} CPU cores visible, torch {m['torch']} with {m['torch_threads']} "
-            f"thread(s), load average at start {m['load_average_at_start']}; eager fp32 on the CPU.\n"
-            f"Model: the shipped testbed checkpoint, {s['size']} px, LADR T={s['steps']}, cfg {s['cfg_used']}, "
-            f"temperature {s['temperature']}; {s['requests']} requests (held-out prompts, seeds 0..N-1), "
-            f"closed-loop clients {s['clients']}. Images equal across modes: {report['images_equal_across_modes']} "
-            f"({report['images_compared']} requests compared).\n\n" + table(report) + "\n")
+            f"Machine: {m['cpu']}, {m['cores']} CPU cores visible, torch {m['torch']}, servers with "
+            f"{m['server_torch_threads']} torch thread(s), load average at start {m['load_average_at_start']}.\n"
+            f"Servers: `ladr-rt serve` subprocesses (eager fp32 CPU), the shipped testbed model, {s['size']} px, LADR, "
+            f"temperature {s['temperature']}; clients: {s['requests']} requests per round (held-out prompts, seeds "
+            f"0..N-1), {s['rounds']} interleaved rounds, closed loop, {s['clients']} clients over HTTP on loopback. "
+            f"Images equal across every configuration and round: {report['images_equal']} "
+            f"({report['images_compared']} requests compared). Errors: {report['errors_total']}.\n\n"
+            + table(report) + "\n")
     if "rss" in report:
-        r = report["rss"]
-        text += (f"\nRSS over {r['completed']} requests through one continuous scheduler (B={r['batch']}, "
-                 f"{r['size']}): {r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB "
-                 f"({r['growth_mib']:+.1f} MiB).\n")
+        text += "\n" + rss_line(report["rss"]) + "\n"
     if plot_name:
         text += f"\n![serve load]({plot_name})\n"
     return text + END
@@ -409,30 +521,34 @@ def plot(report: dict, path: Path) -> None:
         a1.plot(bs, [c["images_per_s"] for c in rows], "o-", color=colours[mode], label=mode)
         a2.plot(bs, [c["latency_p50_s"] for c in rows], "o-", color=colours[mode], label=f"{mode} p50")
         a2.plot(bs, [c["latency_p99_s"] for c in rows], "s--", color=colours[mode], label=f"{mode} p99")
-    for ax, yl in ((a1, "images / s"), (a2, "latency, submit -> result (s)")):
+    for ax, yl in ((a1, "images / s (median round)"), (a2, "latency, HTTP request -> response (s)")):
         ax.set_xlabel("batch size B (slots)")
         ax.set_ylabel(yl)
         ax.set_xticks(sorted({c["batch"] for c in report["configs"]}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     m = report["machine"]
-    fig.suptitle(f"Serving load, testbed model, {m['cores']} cores, {m['torch_threads']} torch threads", fontsize=10)
+    fig.suptitle(f"ladr-rt serve under load, testbed model, {m['cores']} cores, {report['date']}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, fig.savefig)
 
 
 def summary(report: dict) -> dict:
     return {"bench": "serve_load", "date": report["date"], "git_commit": report["git_commit"],
-            "errors_total": report["errors_total"], "images_equal_across_modes": report["images_equal_across_modes"],
+            "errors_total": report["errors_total"], "images_equal": report["images_equal"],
             "truncated_any": report["truncated_any"],
             "images_per_s": {f"{c['mode']}_B{c['batch']}": round(c["images_per_s"] or 0, 4) for c in report["configs"]},
+            "latency_p50_s": {f"{c['mode']}_B{c['batch']}": round(c["latency_p50_s"] or 0, 4)
+                              for c in report["configs"]},
             "latency_p99_s": {f"{c['mode']}_B{c['batch']}": round(c["latency_p99_s"] or 0, 4)
                               for c in report["configs"]},
-            "continuous_vs_static": {str(r["batch"]): {"measured": round(r["measured"], 4),
-                                                       "ideal": round(r["ideal"], 4),
-                                                       "ideal_with_fill": round(r["ideal_with_fill"], 4)}
-                                     for r in report["continuous_vs_static"]},
-            "rss_growth_mib": round(report["rss"]["growth_mib"], 2) if "rss" in report else None}
+            "continuous_vs_static": {str(r["batch"]): {k: round(r[k], 4) for k in
+                                                       ("measured", "ideal", "measured_over_ideal", "steps_ratio")}
+                                     for r in report["continuous_vs_static"] if r["rounds"]},
+            "rss_growth_mib": round(report["rss"]["growth_mib"], 2) if "rss" in report else None,
+            "rss_second_half_slope_mib_per_1000": (None if "rss" not in report or
+                                                   report["rss"]["second_half_slope_mib_per_1000"] is None
+                                                   else round(report["rss"]["second_half_slope_mib_per_1000"], 2))}
 
 
 def parse_args(argv=None):
@@ -454,24 +570,25 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-budget", type=int, default=24)
     ap.add_argument("--batches", type=ints, default=[1, 4, 8], help="comma-separated batch sizes")
     ap.add_argument("--modes", type=modes, default=["sequential", "static", "continuous"])
-    ap.add_argument("--requests", type=int, default=96)
-    ap.add_argument("--clients", type=int, default=None, help="closed-loop client threads [default: 2*B]")
+    ap.add_argument("--requests", type=int, default=96, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    ap.add_argument("--clients", type=int, default=None, help="closed-loop clients [default: 2*B]")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per slot before timing")
-    ap.add_argument("--max-seconds", type=float, default=300.0, help="stop submitting after this, per configuration")
-    ap.add_argument("--steps", type=int, default=None, help="LADR T [default: SamplerConfig's]")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="stop submitting after this, per round")
+    ap.add_argument("--steps", type=int, default=None, help="LADR T [default: the server's]")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale [default: the model's]")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per server")
+    ap.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to be ready")
     ap.add_argument("--rss-requests", type=int, default=0, help="RSS check over this many requests (0: skip)")
     ap.add_argument("--rss-batch", type=int, default=8)
-    ap.add_argument("--rss-size", type=int, default=None, help="image side for the RSS check [default: --size]")
     ap.add_argument("--json", default=str(HERE / "results" / "serve_load.json"))
     ap.add_argument("--plot", default=None, help="PNG: images/s and p50/p99 per mode and B")
     ap.add_argument("--results", default=None, help="markdown file whose serve-load section is replaced")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.requests < 1 or any(b < 1 for b in args.batches) or args.warmup < 0:
-        ap.error("--requests and --batches must be positive, --warmup >= 0")
+    if args.requests < 1 or args.rounds < 1 or any(b < 1 for b in args.batches) or args.warmup < 0:
+        ap.error("--requests, --rounds and --batches must be positive, --warmup >= 0")
     return args
 
 
@@ -481,18 +598,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     m = machine(args.threads)
-    args.log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} thread(s), "
-             f"load average {m['load_average_at_start']}")
-    report = run(args)
+    args.log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average {m['load_average_at_start']}")
+    try:
+        report = run(args)
+    except ServerFailed as e:
+        sys.exit(f"serve_load: {e}")
     args.log("\n" + table(report))
-    args.log(f"images equal across modes: {report['images_equal_across_modes']} "
-             f"({report['images_compared']} requests compared)")
-    for i, where in report["differing_detail"].items():
-        groups: dict[str, list] = {}
-        for w in where:
-            groups.setdefault(w["digest"], []).append(f"{w['mode']} B={w['batch']} slot {w['slot']} "
-                                                      f"({w['evaluations']} evals)")
-        args.log(f"  request {i} differs: " + " | ".join("; ".join(v) for v in groups.values()))
+    args.log(f"images equal across configurations and rounds: {report['images_equal']} "
+             f"({report['images_compared']} requests compared; differing: {report['images_differing'][:10]})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
     if args.plot:
@@ -500,8 +613,7 @@ def main(argv=None) -> dict:
     if args.results:
         update_results(report, Path(args.results), os.path.relpath(args.plot, Path(args.results).parent)
                        if args.plot else None)
-    line = summary(report)
-    print(json.dumps(line), flush=True)
+    print(json.dumps(summary(report)), flush=True)
     return report
 
 

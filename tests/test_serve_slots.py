@@ -327,3 +327,49 @@ def test_cancel_frees_a_waiting_request_at_once_and_a_running_slot_at_the_next_s
         assert not sched.cancel(later), "a finished request cannot be cancelled"
     finally:
         sched.close()
+
+
+class BlockingVQ(GreyVQ):
+    """A decoder that holds its first call until released, and records its thread."""
+
+    def __init__(self):
+        self.release, self.entered, self.threads, self.fail = threading.Event(), threading.Event(), [], False
+
+    def decode(self, codes):
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        if self.fail:
+            raise RuntimeError("decoder broke")
+        return super().decode(codes)
+
+
+def test_vq_decode_runs_off_the_step_loop(pipes, solo_codes):
+    """While a finished request's decode is held, the loop admits the next request into the
+    freed slot and steps it to the end: decoding never stalls the batch. A decoder error fails
+    only the requests it was decoding."""
+    p1 = pipes[1]
+    vq = BlockingVQ()
+    pipe = LadrPipeline(p1.denoiser, p1.tokenizer, vq, p1.layout, p1.seq.spec, 1, p1.default_cfg, p1.vocab_size)
+    with Scheduler(pipe, BATCH_CFG) as sched:
+        first, second = (sched.submit(p, seed=seed, steps=steps, cfg=g) for p, seed, steps, g in REQUESTS[:2])
+        assert vq.entered.wait(30)
+        # first's decode is held; second still runs all its steps on the loop thread meanwhile
+        deadline = threading.Event()
+        for _ in range(300):
+            if sched.steps_run == solo_codes[0][2] + solo_codes[1][2] and sched.busy == 0:
+                break
+            deadline.wait(0.05)
+        assert sched.steps_run == solo_codes[0][2] + solo_codes[1][2] and sched.busy == 0
+        assert not first.done() and not second.done()
+        vq.release.set()
+        _check({0: first.result(timeout=30), 1: second.result(timeout=30)}, solo_codes)
+        assert set(vq.threads) == {"ladr-rt-decode_0"}, vq.threads
+        assert first.result().decode_seconds > 0
+        vq.fail = True
+        broken = sched.submit(PROMPTS[0], seed=11)
+        with pytest.raises(RuntimeError, match="decoder broke"):
+            broken.result(timeout=30)
+        vq.fail = False
+        p, seed, steps, g = REQUESTS[3]
+        _check({3: sched.submit(p, seed=seed, steps=steps, cfg=g).result(timeout=30)}, solo_codes)

@@ -7,10 +7,12 @@
 
 Each iteration: admit waiting requests into free slots (device writes between steps), run
 one step for all B slots (the pipeline's own step, replayed from one CUDA graph where the
-denoiser allows), read the ``[B]`` done flags (the one host read), VQ-decode the finished
-slots, complete their futures and retire the slots. A request's image depends only on its
-prompt, seed, steps and guidance (each slot has its own noise stream and schedule), so the
-mode changes when requests run, never what they produce:
+denoiser allows), read the ``[B]`` done flags (the one host read), retire the finished slots
+(free for the next iteration's admissions) and hand their codes to a decode thread, which
+VQ-decodes them (on its own CUDA stream on a GPU) and completes their futures while the next
+step runs: the decoder never sits on the step loop's critical path. A request's image depends
+only on its prompt, seed, steps and guidance (each slot has its own noise stream and
+schedule), so the mode changes when requests run, never what they produce:
 
 - ``continuous``: a free slot takes the next request at any step;
 - ``static``: requests are admitted only into an all-free batch (the batch runs to its
@@ -64,6 +66,7 @@ class ServeResult:
     admitted_step: int  # the batch's step count when the request took its slot
     queued_seconds: float  # submit to admission
     run_seconds: float  # admission to codes (excludes VQ decode)
+    decode_seconds: float = 0.0  # the VQ decode of the batch of images this one finished with
 
 
 @dataclass
@@ -107,6 +110,11 @@ class Scheduler:
             self.state = self.sampler.s
             # Captured (where graphs apply) against the idle state; admissions write the same buffers.
             self._step = pipe.step_runner(self.sampler)
+        # One decode worker: decodes stay in finishing order, and a second one would only
+        # contend with the step for the same cores / SMs.
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ladr-rt-decode")
+        dev = pipe.denoiser.device
+        self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._loop, name="ladr-rt-scheduler", daemon=True)
@@ -176,6 +184,7 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._decoder.shutdown(wait=True)  # images already made are delivered, not dropped
         with self._cond:
             left = list(self._queue) + [r for r in self._slots if r is not None]
             self._queue.clear()
@@ -214,10 +223,12 @@ class Scheduler:
         return True
 
     def run_until_idle(self, max_iterations: int = 1_000_000) -> int:
-        """Iterations until nothing runs or waits (for a scheduler made with start=False)."""
+        """Iterations until nothing runs or waits (for a scheduler made with start=False); the
+        finished requests' decodes are done, and their futures settled, when it returns."""
         n = 0
         while n < max_iterations and self.run_once():
             n += 1
+        self._decoder.submit(lambda: None).result()  # one FIFO worker: every earlier decode is through
         return n
 
     def _retire_cancelled(self) -> None:
@@ -257,18 +268,34 @@ class Scheduler:
             self._slots[b] = None
         if not ok:
             return
+        grid = torch.stack(codes)  # [n, H, W], its own memory: the next step rewrites z
+        ready = None
+        if self._decode_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()  # the clone, on the step's stream; the decode stream waits for it
+        self._decoder.submit(self._decode, grid, ready, ok)
+
+    def _decode(self, grid: torch.Tensor, ready, ok: list) -> None:
+        """The decode thread: codes -> images -> futures."""
+        t0 = time.perf_counter()
         try:
-            grid = torch.stack(codes)  # [n, H, W]
-            images = self.pipe.decode(grid)
+            if self._decode_stream is not None:
+                with torch.cuda.device(grid.device), torch.cuda.stream(self._decode_stream):
+                    self._decode_stream.wait_event(ready)
+                    grid.record_stream(self._decode_stream)  # the caching allocator must not reuse it early
+                    images = self.pipe.decode(grid)
+            else:
+                images = self.pipe.decode(grid)
+            grid_np = grid.cpu().numpy()
         except Exception as e:
             for _, req, _, _ in ok:
                 _settle(req.future, exc=e)
             return
-        grid_np = grid.cpu().numpy()
+        dt = time.perf_counter() - t0
         for (b, req, trace, run_s), img, c in zip(ok, images, grid_np):
             trace["cfg"] = req.guidance
             _settle(req.future, ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
-                                            req.admitted - req.submitted, run_s))
+                                            req.admitted - req.submitted, run_s, dt))
 
     def _loop(self) -> None:
         while True:
