@@ -32,6 +32,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import threading
 import time
@@ -46,6 +48,14 @@ from ..pipeline import NONFINITE_HINT, LadrPipeline, NonFiniteLogits
 from ..samplers import resolve
 
 MODES = ("continuous", "static", "sequential")
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another libc, or none found)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class QueueFull(RuntimeError):
@@ -86,7 +96,7 @@ class Scheduler:
     leaves the loop to the caller (``run_once``), for tests and benchmarks."""
 
     def __init__(self, pipe: LadrPipeline, cfg: SamplerConfig = SamplerConfig(), mode: str = "continuous",
-                 max_queue: int = 64, start: bool = True):
+                 max_queue: int = 64, start: bool = True, trim_every: int = 32):
         if mode not in MODES:
             raise ValueError(f"unknown scheduler mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "sequential" and pipe.batch != 1:
@@ -115,6 +125,12 @@ class Scheduler:
         self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ladr-rt-decode")
         dev = pipe.denoiser.device
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        # A step's CPU tensors (megabytes each) go back to glibc's per-thread arenas, which keep
+        # the pages: a long-running server's RSS crept up ~70 MiB over 1000 requests with a
+        # constant Python heap (bench/RESULTS.md, "Serving load"). Every `trim_every` images
+        # the decode thread hands free pages back to the OS (a few ms, off the step loop).
+        self._trim = _malloc_trim() if trim_every > 0 else None
+        self._trim_every, self._images_since_trim = trim_every, 0
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._loop, name="ladr-rt-scheduler", daemon=True)
@@ -296,6 +312,10 @@ class Scheduler:
             trace["cfg"] = req.guidance
             _settle(req.future, ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
                                             req.admitted - req.submitted, run_s, dt))
+        self._images_since_trim += len(ok)
+        if self._trim is not None and self._images_since_trim >= self._trim_every:
+            self._images_since_trim = 0
+            self._trim(0)
 
     def _loop(self) -> None:
         while True:
