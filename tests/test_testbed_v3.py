@@ -237,3 +237,29 @@ def test_token_stats_separates_v2_from_v3(tmp_path):
     assert rows["v3"]["predictable"] < 0.1 and rows["v3"]["H_given_N4_bits"] > 0.4
     assert rows["v3"]["codes_used"] > 200 and rows["v3"]["top_code_share"] < 0.1 < rows["v2"]["top_code_share"]
     assert sum(rows["v3"]["histogram"]) == rows["v3"]["tokens"] == 150 * v3.GRID ** 2
+
+
+def test_train_script_trains_v3_within_a_minutes_budget(tmp_path):
+    """bench/testbed/train.py --testbed v3-slots: v3 batches, codebook and palette in the checkpoint;
+    --minutes stops the run early and the record says how many steps were done."""
+    from test_testbed import load_train_module
+
+    from ladr_rt.checkpoint import load_model
+    from ladr_rt.vq import load_vq
+
+    train = load_train_module()
+    out = tmp_path / "v3"
+    train.main(["--testbed", "v3-slots", "--steps", "50", "--minutes", "1e-6", "--batch", "2", "--d-model", "32",
+                "--layers", "1", "--heads", "2", "--mlp", "64", "--threads", "1", "--save-every", "0",
+                "--out", str(out)])
+    model = load_model(out)
+    assert model.cfg.layout.codebook == v3.CODEBOOK == load_vq(out).codebook
+    info = __import__("json").loads((out / "training.json").read_text())
+    assert info["testbed"] == "v3-slots" and info["steps"] == 1 and info["minutes_budget"] == 1e-6
+    rng, gen = rng0(0), torch.Generator().manual_seed(0)
+    from ladr_rt.config import ImageSpec
+    from ladr_rt.tokens import SequenceLayout
+
+    seq = SequenceLayout(ImageSpec(256, 256, train.PROMPT_BUDGET), testbed.layout("v3"))
+    _, _, codes, _ = train.batch(rng, testbed.tokenizer(), seq, 4, 0.0, gen, testbed="v3")
+    assert codes.max() < v3.CODEBOOK and (v3.CODE_KIND[codes.numpy()] == v3.KIND_RIM).any()
