@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .config import SAMPLERS, ImageSpec, SamplerConfig
+from .config import SAMPLERS, ImageSpec, LadrParams, SamplerConfig
 from .fileio import Interrupted, atomic_write_all, signals_unwind
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -93,6 +93,27 @@ def _device_dtype(device: str, dtype: str):
     return device, DTYPES[dtype]
 
 
+LADR_HELP = ("LADR phase table, KEY=VALUE pairs separated by commas (repeatable), for --sampler ladr or "
+             "ladr-delayed: e.g. tau_refine=0.05,alpha_refine=0.3. Keys, with the paper's values (the default): "
+             + LadrParams().table().replace(",", ", ") + ". tau_* and alpha_* and the phase bounds are 0 to 1, "
+             "explore_until < refine_from, tau_refine=none lets every candidate through, kernel is odd.")
+
+
+def ladr_option(f):
+    return click.option("--ladr", "ladr", multiple=True, metavar="KEY=VALUE,...", help=LADR_HELP,
+                        show_default=False)(f)
+
+
+def _ladr(texts: tuple[str, ...], sampler: str) -> LadrParams:
+    """No --ladr: the paper's table; else the table the option names, validated by config."""
+    if not texts:
+        return LadrParams()
+    try:
+        return LadrParams.from_option(texts, sampler)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -160,19 +181,21 @@ def main() -> None:
 @click.option("--trace", "trace_path", default=None,
               help="Also write per-step masked/rescued counts, t_eff, evaluations and seconds as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar over steps (stderr).")
+@ladr_option
 def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
-             dtype, out, save_tokens, trace_path, progress) -> None:
+             dtype, out, save_tokens, trace_path, progress, ladr) -> None:
     """Prompt -> PNG with the eager model, or with an engine from `ladr-rt build`."""
     with signals_unwind(GenerateInterrupted):
         _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler,
-                  device, dtype, out, save_tokens, trace_path, progress)
+                  device, dtype, out, save_tokens, trace_path, progress, ladr)
 
 
 def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
-              dtype, out, save_tokens, trace_path, progress) -> None:
+              dtype, out, save_tokens, trace_path, progress, ladr=()) -> None:
     from .tokens import check_prompt
 
-    scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed)
+    scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed,
+                         ladr=_ladr(ladr, sampler))
     try:
         scfg.validate()
         check_prompt(prompt)  # sizes are checked by the pipeline, before anything heavy loads
@@ -227,7 +250,7 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         trace = {"sampler": sampler, "steps": steps, "cfg": res.trace["cfg"], "temperature": temperature, "seed": seed,
                  "height": height, "width": width, "evaluations": res.evaluations, "seconds": res.seconds,
                  "decode_seconds": res.decode_seconds, "capture_seconds": res.trace.get("capture_seconds", 0.0),
-                 "masked": res.trace["masked"][0],
+                 "ladr": res.trace["ladr"], "masked": res.trace["masked"][0],
                  "rescued": res.trace["rescued"][0], "t_eff": res.trace["t_eff"][0]}
         files.append((paths["--trace"], (json.dumps(trace, indent=1) + "\n").encode()))
     try:
@@ -330,8 +353,9 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="Eager precision (auto: bf16 on CUDA).")
+@ladr_option
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
-          temperature, sampler, device, dtype) -> None:
+          temperature, sampler, device, dtype, ladr) -> None:
     """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /health, GET /metrics."""
     try:
         import fastapi  # noqa: F401
@@ -340,6 +364,7 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
         raise UserError(f"ladr-rt serve needs {e.name}: pip install 'ladr-rt[serve]'") from None
     from .serve.server import ServeError, ServeOptions, run
 
+    table = _ladr(ladr, sampler)  # before the device probe: a typo'd table is the first thing said
     if engine is not None and dtype != "auto":
         raise UserError("--dtype sets the eager model's precision; an engine's was fixed by `ladr-rt build`")
     if engine is not None:
@@ -348,7 +373,7 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
         dev, dt = _device_dtype(device, dtype)
     opts = ServeOptions(model=model_dir, engine=engine, batch=batch, mode=mode, host=host, port=port,
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
-                        sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature),
+                        sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
                         height=height, width=width, prompt_budget=prompt_budget)
     try:
         opts.validate()

@@ -333,9 +333,18 @@ def _option_float(v: Any, flag: str) -> None:
 SAMPLERS = ("baseline", "ladr", "ladr-delayed", "prophet", "threshold")
 
 
+LADR_SAMPLERS = ("ladr", "ladr-delayed")  # the samplers that read LadrParams
+# A kernel wider than any grid only costs time (max_pool2d does kernel^2 work per token);
+# 63 tokens is already 1008 px, wider than DiMOO's 64-token grid's half-width many times over.
+MAX_KERNEL = 63
+
+
 @dataclass(frozen=True)
 class LadrParams:
-    """The LADR phase table (shared/spec/ladr.md step 4); defaults are the paper's."""
+    """The LADR phase table (shared/spec/ladr.md step 4); defaults are the paper's.
+
+    ``--ladr KEY=VALUE,...`` on the CLI (``LadrParams.from_option``) sets any of these fields.
+    """
 
     explore_until: float = 0.2  # t_eff below this: exploration
     refine_from: float = 0.7  # t_eff at or above this: refinement
@@ -347,6 +356,100 @@ class LadrParams:
     alpha_refine: float = 1.0
     kernel: int = 3  # neighbourhood: kernel x kernel around each token
     delayed: bool = False  # no rescue in the exploration phase (paper Table 5)
+
+    def validate(self) -> None:
+        """One ValueError line naming the key as ``--ladr`` spells it, and its range."""
+        for k in ("explore_until", "refine_from"):
+            _ladr_unit(getattr(self, k), k, "a phase bound on t_eff")
+        if not self.explore_until < self.refine_from:
+            raise ValueError(f"--ladr explore_until ({self.explore_until}) must be below refine_from "
+                             f"({self.refine_from}): the structure phase lies between them")
+        for k in ("tau_explore", "tau_structure", "tau_refine"):
+            v = getattr(self, k)
+            if not (k == "tau_refine" and v is None):
+                # a margin top1 - top2 lies in [0, 1]: a threshold outside it is all-or-nothing by accident
+                _ladr_unit(v, k, "a margin threshold" + (", or none (every candidate valid)" if k == "tau_refine"
+                                                         else ""))
+        for k in ("alpha_explore", "alpha_structure", "alpha_refine"):
+            _ladr_unit(getattr(self, k), k, "a share of the frontier")
+        kv = self.kernel
+        if isinstance(kv, bool) or not isinstance(kv, int) or not 1 <= kv <= MAX_KERNEL or kv % 2 == 0:
+            raise ValueError(f"--ladr kernel must be an odd integer from 1 to {MAX_KERNEL} (a centred "
+                             f"neighbourhood; the paper's is 3), got {_show(kv)}")
+        if not isinstance(self.delayed, bool):
+            raise ValueError(f"--ladr delayed must be true or false, got {_show(self.delayed)}")
+
+    def table(self) -> str:
+        """The table as ``--ladr`` takes it: every key, in field order (logs, --help, traces)."""
+        return ",".join(f"{f.name}={_ladr_text(getattr(self, f.name))}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_option(cls, text: str | list[str] | tuple[str, ...], sampler: str = "ladr") -> "LadrParams":
+        """``"tau_structure=0.05,alpha_refine=0.3"`` (or several such strings, as repeated
+        ``--ladr`` options give) -> the paper's table with those keys replaced, validated.
+        Keys are the field names; ``tau_refine=none``; ``delayed=true|false``."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if sampler not in LADR_SAMPLERS:
+            raise ValueError(f"--ladr sets the LADR phase table, but --sampler {sampler} does not use it; use "
+                             f"--sampler {' or '.join(LADR_SAMPLERS)}, or leave --ladr out")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        keys = ", ".join(fields)
+        kw: dict[str, Any] = {}
+        items = [item for t in texts for item in t.split(",")]
+        if not any(item.strip() for item in items):
+            raise ValueError(f"--ladr needs KEY=VALUE pairs separated by commas (e.g. tau_structure=0.05,"
+                             f"alpha_refine=0.3); keys: {keys}")
+        for item in items:
+            key, eq, val = (part.strip() for part in item.partition("="))
+            if not item.strip():
+                raise ValueError(f"--ladr {','.join(texts)!r} has an empty item (a stray comma); write "
+                                 "KEY=VALUE,KEY=VALUE")
+            if not key:
+                raise ValueError(f"--ladr item {item.strip()!r} has no key; write KEY=VALUE with a key from: {keys}")
+            if key not in fields:
+                raise ValueError(f"--ladr: unknown key {key!r}; valid keys: {keys}")
+            if not eq or not val:
+                raise ValueError(f"--ladr {key} has no value; write {key}={_ladr_text(getattr(cls(), key))} "
+                                 "(its default) or another value")
+            if key in kw:
+                raise ValueError(f"--ladr gives {key} twice; give each key once")
+            kw[key] = _ladr_value(key, val)
+        if sampler == "ladr-delayed" and kw.get("delayed") is False:
+            raise ValueError("--sampler ladr-delayed always delays the rescue; use --sampler ladr for "
+                             "--ladr delayed=false")
+        p = cls(**kw)
+        p.validate()
+        return p
+
+
+def _ladr_unit(v: Any, key: str, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+        raise ValueError(f"--ladr {key} must be a finite number from 0 to 1 ({what}), got {_show(v)}")
+
+
+def _ladr_text(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def _ladr_value(key: str, text: str) -> Any:
+    """The text of one ``--ladr`` value as the field's type; range checks are ``validate``'s."""
+    low = text.lower()
+    if key == "delayed":
+        if low not in ("true", "false"):
+            raise ValueError(f"--ladr delayed must be true or false, got {text!r}")
+        return low == "true"
+    if key == "kernel":
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise ValueError(f"--ladr kernel must be an odd integer (e.g. 3), got {text!r}") from None
+    if key == "tau_refine" and low == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        extra = " or none" if key == "tau_refine" else ""
+        raise ValueError(f"--ladr {key} must be a number{extra}, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -398,5 +501,10 @@ class SamplerConfig:
         _option_int(self.seed, "--seed")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be between 0 and 2**63 - 1 ({MAX_SEED}), got {self.seed}")
-        if self.ladr.kernel < 1 or self.ladr.kernel % 2 == 0:
-            raise ValueError(f"LadrParams.kernel must be odd and >= 1 (a centred neighbourhood), got {self.ladr.kernel}")
+        if not isinstance(self.ladr, LadrParams):
+            raise ValueError(f"SamplerConfig.ladr must be a LadrParams, got {_show(self.ladr)}")
+        self.ladr.validate()
+        # A table the sampler would ignore is refused: a user who set one expects it to act.
+        if self.name not in LADR_SAMPLERS and self.ladr != LadrParams():
+            raise ValueError(f"a LADR phase table (--ladr) was given, but --sampler {self.name} does not use it; use "
+                             f"--sampler {' or '.join(LADR_SAMPLERS)}, or leave --ladr out")

@@ -150,8 +150,10 @@ def test_rescue_ties_go_to_the_lower_index():
 
 
 def test_k_is_min_of_alpha_share_and_valid_count():
-    """k = min(floor(|C| * alpha), |V|): with tau above every margin, V is empty and nothing is rescued."""
-    for tau, expect_zero in ((10.0, True), (-1.0, False)):
+    """k = min(floor(|C| * alpha), |V|): with tau above every margin, V is empty and nothing is rescued.
+    A margin top1 - top2 lies in [0, 1], so tau 1 is above every margin and tau 0 below every margin of
+    random logits (the ends of the range LadrParams.validate accepts)."""
+    for tau, expect_zero in ((1.0, True), (0.0, False)):
         p = LadrParams(tau_explore=tau, tau_structure=tau, tau_refine=tau)
         sampler, st = make("ladr", temp=0.0, T=10, ladr=p)
         g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ the shipped testbed model at its default size (256x256) and few steps."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import socket
@@ -19,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ladr_rt.config import SamplerConfig  # noqa: E402
+from ladr_rt.config import LadrParams, SamplerConfig  # noqa: E402
 from ladr_rt.pipeline import LadrPipeline  # noqa: E402
 from ladr_rt.serve import Scheduler  # noqa: E402
 from ladr_rt.serve.app import AppConfig, create_app  # noqa: E402
@@ -174,7 +175,9 @@ def test_body_too_large_auth_and_routes(main):
     bare = httpx.Client(base_url=srv.url, timeout=10)
     err(bare.post(ROUTE, json={"prompt": "a"}), 401, None, "Bearer")
     err(bare.post(ROUTE, json={"prompt": "a"}, headers={"Authorization": "Bearer wrong"}), 401, None, "API key")
-    assert bare.get("/health").json() == {"status": "ready"}  # health and metrics need no key
+    # health and metrics need no key; health names the server's sampler and phase table (CFG's: the paper's)
+    assert bare.get("/health").json() == {"status": "ready", "sampler": "ladr",
+                                          "ladr": dataclasses.asdict(LadrParams())}
     err(client.get(ROUTE), 405, None)
     err(client.get("/v2/nothing"), 404, None, "POST /v1/images/generations")
     bare.close()
@@ -286,6 +289,22 @@ def test_serve_cli_refuses_bad_options_and_addresses_in_one_line():
     _one_line(_cli("--mode", "sequential", "--batch", 2, "--device", "cpu"), "--mode sequential")
     _one_line(_cli("--max-queue", 0, "--device", "cpu"), "--max-queue must be >= 1")
     _one_line(_cli("--steps", 0, "--device", "cpu"), "--steps must be between")
+    _one_line(_cli("--ladr", "alpha_refine=2", "--device", "cpu"), "--ladr alpha_refine", "from 0 to 1")
+    _one_line(_cli("--sampler", "baseline", "--ladr", "alpha_refine=0.3", "--device", "cpu"), "--sampler baseline",
+              "does not use it")
+
+
+def test_ready_line_names_the_phase_table_so_it_can_be_rerun():
+    from ladr_rt.samplers import resolve
+    from ladr_rt.serve.server import sampler_line
+
+    table = LadrParams.from_option("tau_refine=0.05,alpha_refine=0.3")
+    line = sampler_line(resolve(SamplerConfig(name="ladr", ladr=table), 2.0))
+    assert "sampler ladr" in line and "cfg 2.0" in line
+    assert LadrParams.from_option(line.split("--ladr ", 1)[1]) == table
+    assert "--ladr" not in sampler_line(resolve(SamplerConfig(name="baseline"), 2.0))
+    delayed = sampler_line(resolve(SamplerConfig(name="ladr-delayed"), 2.0))
+    assert "delayed=true" in delayed  # what ran, not what was typed
 
 
 def test_package_and_generate_load_without_fastapi_and_serve_says_what_to_install():

@@ -6,6 +6,8 @@
         --lr 1e-3 --out ladr_rt/assets/testbed --steps 4500 --threads 2 --bf16 --compile \
         --log bench/testbed/loss_stage2.jsonl
     # the shipped model's two stages: 32 + 21 min on a 2-core CPU (ladr_rt/assets/testbed/TRAINING.md)
+    python bench/testbed/train.py --testbed v3-slots --out /tmp/v3 --steps 12000 --minutes 75 --threads 2 --bf16 \
+        --compile --log /tmp/v3.jsonl   # testbed v3 (issue 16): scenes_v3 data, its codebook and palette
 
 Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
 mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
@@ -32,18 +34,26 @@ import torch.nn.functional as F
 from ladr_rt.checkpoint import save_checkpoint
 from ladr_rt.config import ImageSpec, ModelConfig
 from ladr_rt.model import DimooModel
-from ladr_rt.testbed import layout, palette, tokenizer
-from ladr_rt.testbed.scenes import CODEBOOK, GRID, P_COLOUR_PAIR, P_RELATION, render, sample_scene, sample_train_spec
+from ladr_rt.testbed import TESTBEDS, codebook, layout, palette, palette_v3, tokenizer
+from ladr_rt.testbed import scenes_v3
+from ladr_rt.testbed.scenes import GRID, P_COLOUR_PAIR, P_RELATION, render, sample_scene, sample_train_spec
 from ladr_rt.tokens import SequenceLayout, build_rows
 
 PROMPT_BUDGET = 24  # the longest template + prompt is 21 tokens
 
 
 def model_config(args) -> ModelConfig:
-    lay = layout()
+    lay = layout(args.testbed)
     return ModelConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
                        mlp_hidden_size=args.mlp, vocab_size=lay.image_offset + lay.codebook, rope_theta=10000.0,
-                       layout=lay, default_size=(GRID * lay.vq_scale, GRID * lay.vq_scale))
+                       layout=lay, default_size=(args.grid * lay.vq_scale, args.grid * lay.vq_scale))
+
+
+def draw(spec, rng: np.random.Generator, testbed: str = "v2", grid: int = GRID) -> np.ndarray:
+    """int64 [grid, grid] codes of one training scene of ``testbed``."""
+    if testbed == "v2":
+        return render(sample_scene(spec, rng))
+    return scenes_v3.draw(spec, rng, "slots" if testbed == "v3-slots" else "free", grid)
 
 
 def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None:
@@ -59,9 +69,10 @@ def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None
 
 
 def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: float, gen: torch.Generator,
-          p_relation: float = P_RELATION, p_colour_pair: float = P_COLOUR_PAIR):
+          p_relation: float = P_RELATION, p_colour_pair: float = P_COLOUR_PAIR, testbed: str = "v2",
+          grid: int = GRID):
     specs = [sample_train_spec(rng, p_relation, p_colour_pair) for _ in range(B)]
-    codes = torch.from_numpy(np.stack([render(sample_scene(s, rng)).ravel() for s in specs]))  # [B, N]
+    codes = torch.from_numpy(np.stack([draw(s, rng, testbed, grid).ravel() for s in specs]))  # [B, N]
     ids, key_mask = build_rows(tok, [s.prompt for s in specs], seq)  # [2B, L] cond rows then uncond rows
     drop = torch.from_numpy(rng.random(B) < p_uncond)
     ids = torch.where(drop[:, None], ids[B:], ids[:B])
@@ -95,6 +106,13 @@ def main(argv=None) -> None:
                     help="chance that each group of a two-group scene names its colour (both named: its "
                          "square); more named pairs give more examples binding each colour word to its shape")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--testbed", choices=TESTBEDS, default="v2",
+                    help="training data: v2 (the shipped model's), v3 (scenes_v3, free placement) or v3-slots "
+                         "(scenes_v3 in v2's slots: issue 16's cheap control)")
+    ap.add_argument("--grid", type=int, default=GRID, help="token grid side (v3 only; v2 and v3-slots are 16)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop (and save) after this much wall time even if --steps are not done; the learning "
+                         "rate schedule still spans --steps, so pick --steps that fit the budget")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 on 2 otherwise idle cores (0.33 s/step against 0.68 for 1); "
                          "1 when another job shares the cores (OpenMP barriers stall under contention)")
@@ -108,6 +126,10 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (inductor, about 30 s once): 0.32 s/step, 0.23 with --bf16")
     args = ap.parse_args(argv)
+    if args.grid != GRID and args.testbed != "v3":
+        ap.error(f"--grid {args.grid}: only --testbed v3 draws other grids than {GRID}")
+    if args.minutes is not None and not args.minutes > 0:
+        ap.error(f"--minutes must be positive, got {args.minutes}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -115,7 +137,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = model_config(args)
     tok = tokenizer()
-    seq = SequenceLayout(ImageSpec(GRID * 16, GRID * 16, PROMPT_BUDGET), cfg.layout)
+    seq = SequenceLayout(ImageSpec(args.grid * 16, args.grid * 16, PROMPT_BUDGET), cfg.layout)
     model = DimooModel(cfg)
     init_weights(model, args.layers, gen)
     if args.init:
@@ -135,7 +157,8 @@ def main(argv=None) -> None:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     command = "python bench/testbed/train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"{n_params / 1e6:.2f}M parameters, seq_len {seq.seq_len}, codebook {CODEBOOK}; {command}", flush=True)
+    print(f"{n_params / 1e6:.2f}M parameters, seq_len {seq.seq_len}, testbed {args.testbed}, codebook "
+          f"{cfg.layout.codebook}; {command}", flush=True)
     log_f = open(args.log, "w") if args.log else None
     recent: list[float] = []
     t0 = time.time()
@@ -145,17 +168,25 @@ def main(argv=None) -> None:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
                 "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
-                "torch": torch.__version__, "seed": args.seed,
+                "torch": torch.__version__, "seed": args.seed, "testbed": args.testbed,
                 "arch": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                         "mlp": cfg.mlp_hidden_size, "codebook": CODEBOOK, "grid": GRID}}
-        save_checkpoint(args.out, cfg, sd, tok, vq=palette(), extra_files={
+                         "mlp": cfg.mlp_hidden_size, "codebook": cfg.layout.codebook, "grid": args.grid}}
+        if args.minutes is not None:
+            info["minutes_budget"] = args.minutes
+        vq = palette() if args.testbed == "v2" else palette_v3()
+        save_checkpoint(args.out, cfg, sd, tok, vq=vq, extra_files={
             "TRAINING.md": training_md(info), "training.json": json.dumps(info, indent=1) + "\n"})
 
     model.train()
     forward = torch.compile(model) if args.compile else model  # same parameters; saving reads `model`
+    done = args.steps
     for step in range(args.steps):
+        if args.minutes is not None and step > 0 and time.time() - t0 > 60 * args.minutes:  # one step at least
+            done = step
+            print(f"--minutes {args.minutes} reached after {step} steps", flush=True)
+            break
         ids, key_mask, codes, masked = batch(rng, tok, seq, args.batch, args.p_uncond, gen, args.p_relation,
-                                             args.p_colour_pair)
+                                             args.p_colour_pair, args.testbed, args.grid)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -175,8 +206,14 @@ def main(argv=None) -> None:
                 log_f.flush()
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-    save(args.steps)
+    save(done)
     print(f"done: final loss (mean of last 100 steps) {np.mean(recent[-100:]):.4f} in {time.time() - t0:.0f} s")
+
+
+CODEBOOK_KIND = {"v2": "colour x edge-pattern", "v3": "background-level / shaded-colour / anti-aliased-rim",
+                 "v3-slots": "background-level / shaded-colour / anti-aliased-rim"}
+DATA = {"v2": "`ladr_rt/testbed/scenes.py`", "v3": "`ladr_rt/testbed/scenes_v3.py`, free layout",
+        "v3-slots": "`ladr_rt/testbed/scenes_v3.py`, v2's slot layout"}
 
 
 def training_md(info: dict) -> str:
@@ -188,9 +225,9 @@ def training_md(info: dict) -> str:
         "its text-to-image sequence layout (system/user template, BOA BOI, rows of codes each ending in "
         "NEWLINE, EOI EOA, left-padded prompt), shrunk: "
         f"d_model {a['d_model']}, {a['n_layers']} layers, {a['n_heads']} heads, MLP {a['mlp']}, "
-        f"a {a['codebook']}-code colour x edge-pattern codebook, a {a['grid']}x{a['grid']} token grid "
-        f"({a['grid'] * 16}x{a['grid'] * 16} px). Data: `ladr_rt/testbed/scenes.py` (held-out prompts "
-        "never drawn).\n\n"
+        f"a {a['codebook']}-code {CODEBOOK_KIND[info.get('testbed', 'v2')]} codebook, a {a['grid']}x{a['grid']} "
+        f"token grid ({a['grid'] * 16}x{a['grid'] * 16} px). Data: {DATA[info.get('testbed', 'v2')]} (held-out "
+        "prompts never drawn).\n\n"
         f"- command (from the repository root): `{info['command']}`\n"
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "

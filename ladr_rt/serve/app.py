@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import dataclasses
 import hmac
 import io
 import json
@@ -32,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import MAX_SEED, MAX_STEPS
+from ..config import LADR_SAMPLERS, MAX_SEED, MAX_STEPS
 from ..tokens import PromptError, PromptTooLong
 from .scheduler import QueueFull, Scheduler, SchedulerClosed
 
@@ -275,7 +276,11 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         if state["sched"] is not None:
-            return {"status": "ready"}
+            # the server's sampler and LADR phase table (one per server: `serve --ladr`), for a client
+            # that wants to know which variant made its images
+            c = state["sched"].cfg
+            return {"status": "ready", "sampler": c.name,
+                    "ladr": dataclasses.asdict(c.ladr) if c.name in LADR_SAMPLERS else None}
         body = {"status": "failed", "error": state["error"]} if state["error"] else {"status": "loading"}
         return JSONResponse(body, status_code=503)
 

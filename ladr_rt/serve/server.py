@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SamplerConfig
+from ..config import LADR_SAMPLERS, SamplerConfig
 from .scheduler import MODES, Scheduler
 
 DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
@@ -75,6 +75,12 @@ class ServeOptions:
             return Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
 
         return load
+
+
+def sampler_line(cfg: SamplerConfig) -> str:
+    """The served sampler, with its phase table as `--ladr` takes it (so it can be rerun)."""
+    line = f"sampler {cfg.name}, T {cfg.steps}, cfg {cfg.cfg}, temperature {cfg.temperature}"
+    return line + (f", --ladr {cfg.ladr.table()}" if cfg.name in LADR_SAMPLERS else "")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -145,7 +151,8 @@ def run(opts: ServeOptions, log=print) -> str | None:
             s = app.state.ladr["sched"]
             spec = s.pipe.seq.spec
             log(f"ready: http://{host}:{port}/v1/images/generations ({spec.width}x{spec.height}, batch "
-                f"{s.pipe.batch}, {opts.mode}, {s.pipe.denoiser.name} on {s.pipe.denoiser.device})")
+                f"{s.pipe.batch}, {opts.mode}, {s.pipe.denoiser.name} on {s.pipe.denoiser.device}; "
+                f"{sampler_line(s.cfg)})")
 
     host, port = sock.getsockname()[:2]
     log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")

@@ -8,7 +8,9 @@ from .scenes import CATEGORIES, COLOURS, SHAPES, Group, Spec, eval_items, parse_
 from .scorer import find_objects, passes, score
 
 __all__ = ["CATEGORIES", "COLOURS", "SHAPES", "Group", "Spec", "eval_items", "parse_prompt", "find_objects",
-           "passes", "score", "model_dir", "layout", "tokenizer", "palette"]
+           "passes", "score", "model_dir", "layout", "tokenizer", "palette", "palette_v3", "TESTBEDS"]
+
+TESTBEDS = ("v2", "v3", "v3-slots")  # v2: the shipped model's data; v3: scenes_v3 free layout; v3-slots: its control
 
 
 def model_dir() -> Path:
@@ -25,17 +27,35 @@ def tokenizer():
     return word_tokenizer(WORDS, TEMPLATE_TAGS, uncondition_id=n_text + len(TEMPLATE_TAGS), first_tag_id=n_text)
 
 
-def layout():
-    """Special ids after the text vocabulary, then the codebook; DiMOO's templates kept."""
+def layout(testbed: str = "v2"):
+    """Special ids after the text vocabulary, then the codebook; DiMOO's templates kept.
+    v3's layout differs from v2's only in the codebook size (the text ids are the same)."""
     from ..config import TokenLayout
     from ..tiny import TEMPLATE_TAGS
-    from .scenes import CODEBOOK, WORDS
+    from .scenes import WORDS
 
     base = 2 + len(WORDS) + len(TEMPLATE_TAGS)
     uncondition = base
     mask, newline, boa, eoa, boi, eoi = range(base + 1, base + 7)
     return TokenLayout(mask=mask, newline=newline, image_offset=base + 7, boi=boi, eoi=eoi, uncondition=uncondition,
-                       boa=boa, eoa=eoa, codebook=CODEBOOK, vq_scale=16)
+                       boa=boa, eoa=eoa, codebook=codebook(testbed), vq_scale=16)
+
+
+def codebook(testbed: str = "v2") -> int:
+    from . import scenes, scenes_v3
+
+    if testbed not in TESTBEDS:
+        raise ValueError(f"unknown testbed {testbed!r}; choose one of {', '.join(TESTBEDS)}")
+    return scenes.CODEBOOK if testbed == "v2" else scenes_v3.CODEBOOK
+
+
+def palette_v3():
+    """v3's decoder: the same PaletteVQ as v2, one flat colour per code (shaded interiors, rims
+    blended over their background bucket), so a v3 checkpoint's vqvae/ decodes like v2's."""
+    from ..palette import PaletteVQ
+    from .scenes_v3 import code_rgb
+
+    return PaletteVQ(code_rgb(), scale=16)
 
 
 def palette():

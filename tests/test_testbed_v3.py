@@ -1,0 +1,265 @@
+"""Testbed v3 (issue 16): scenes with natural-image-like token statistics, their palette decoder,
+and scorer v3 validated both ways (drawn scenes pass every check; noise fails them)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ladr_rt import testbed
+from ladr_rt.testbed import CATEGORIES, eval_items, parse_prompt
+from ladr_rt.testbed import scenes_v3 as v3
+from ladr_rt.testbed.scenes import COLOURS, RGB, SHAPES, held_out, sample_train_spec
+from ladr_rt.testbed.scorer_v3 import (MIN_IOU, MIN_OBJECT, background_continuity, classify, colour_coherence,
+                                       find_objects, mosaics, passes_v3, score)
+
+ROOT = Path(__file__).resolve().parent.parent
+rng0 = np.random.default_rng
+
+
+def place(grid, shape, colour, top, left, size, seed=0):
+    """One object drawn onto a copy of ``grid`` (whose background codes are its field)."""
+    out = grid.copy()
+    v3.draw_object(out, grid, v3.Placed(shape, colour, top, left, size), rng0(seed))
+    return out
+
+
+def field(seed=0):
+    return v3.background_field(rng0(seed), v3.GRID, v3.GRID)
+
+
+# ------------------------------------------------------------------ scenes
+
+def test_codebook_has_hundreds_of_codes_each_of_one_kind():
+    assert v3.CODEBOOK == 240
+    kinds = np.bincount(v3.CODE_KIND, minlength=3)
+    assert kinds.tolist() == [v3.BG_LEVELS, len(COLOURS) * v3.SHADES, len(COLOURS) * 3 * v3.BG_BUCKETS]
+    assert (v3.CODE_COLOUR[v3.CODE_KIND == v3.KIND_BG] == 0).all() and (v3.CODE_COLOUR[v3.CODE_KIND > 0] > 0).all()
+    for ci in range(len(COLOURS)):
+        for a in v3.COVERAGES:
+            k = v3.rim_code(ci, a, 20)
+            assert v3.CODE_COLOUR[k] == 1 + ci and v3.CODE_COVERAGE[k] == a and v3.CODE_BUCKET[k] == 20 // 6
+
+
+@pytest.mark.parametrize("layout", v3.LAYOUTS)
+def test_scenes_are_seeded_smooth_and_textured(layout):
+    spec = parse_prompt("two red circles above a blue square")
+    a, b = v3.draw(spec, rng0(3), layout), v3.draw(spec, rng0(3), layout)
+    assert a.shape == (v3.GRID, v3.GRID) and np.array_equal(a, b)
+    steps, spans = [], []
+    for s in range(200):
+        lv = v3.background_field(rng0(s), v3.GRID, v3.GRID)
+        d = np.concatenate([np.abs(np.diff(lv, axis=0)).ravel(), np.abs(np.diff(lv, axis=1)).ravel()])
+        assert d.max() <= v3.MAX_STEP  # the smoothness background_continuity asks for
+        steps.append(d.mean())
+        spans.append(lv.max() - lv.min())
+    assert 0.3 < np.mean(steps) < 1.2, np.mean(steps)  # neighbours differ by about one level, not zero
+    assert min(spans) >= 6  # never one flat code: a shuffled background breaks the smoothness
+
+
+def test_objects_have_shaded_interiors_and_antialiased_rims_in_several_sizes():
+    rng = rng0(4)
+    sizes, shades = set(), set()
+    for _ in range(300):
+        for o in v3.sample_scene(sample_train_spec(rng), rng):
+            sizes.add(o.size)
+    assert sizes == set(v3.SIZES)
+    for shape in SHAPES:
+        for size in v3.SIZES:
+            cov = v3.COVER[(shape, size)]
+            assert ((cov > 0) & (cov < 1)).sum() >= 4, (shape, size)  # rims
+    g = place(field(), "square", "green", 4, 4, 6, seed=1)
+    box = g[4:10, 4:10]
+    shades = set(v3.CODE_SHADE[box[v3.CODE_KIND[box] == v3.KIND_INTERIOR]].tolist())
+    assert len(shades) >= 2  # shaded, not one flat interior code
+
+
+def test_shapes_stay_apart_at_every_size():
+    for size in v3.SIZES:
+        for a in SHAPES:
+            for b in SHAPES:
+                if a < b:
+                    ta, tb = v3.COVER[(a, size)], v3.COVER[(b, size)]
+                    assert np.minimum(ta, tb).sum() / np.maximum(ta, tb).sum() < MIN_IOU - 0.05, (a, b, size)
+
+
+@pytest.mark.parametrize("layout", v3.LAYOUTS)
+def test_same_prompts_and_held_out_split_as_v2(layout):
+    rng = rng0(5)
+    for _ in range(100):
+        spec = sample_train_spec(rng)
+        assert not held_out(spec.prompt)
+        objs = v3.sample_scene(spec, rng, layout)
+        assert len(objs) == sum(g.count for g in spec.groups)
+        for i, o in enumerate(objs):
+            assert 0 <= o.top and o.top + o.size <= v3.GRID and 0 <= o.left and o.left + o.size <= v3.GRID
+            assert all(v3._separated(o, p) for p in objs[i + 1:])
+    with pytest.raises(ValueError, match="unknown layout"):
+        v3.sample_scene(spec, rng, "grid")
+
+
+def test_a_24_grid_draws_too():
+    g = v3.draw(parse_prompt("four triangles"), rng0(6), grid=24)
+    assert g.shape == (24, 24) and sum(o.shape == "triangle" for o in find_objects(g)) == 4
+
+
+# ------------------------------------------------------------------ palette
+
+def test_palette_decodes_v3_codes_recognisably(tmp_path):
+    from ladr_rt.vq import load_vq
+
+    testbed.palette_v3().save_pretrained(tmp_path / "vqvae")
+    vq = load_vq(tmp_path)
+    assert vq.codebook == v3.CODEBOOK
+    g = place(field(), "circle", "red", 5, 5, 6)
+    rgb = (vq.decode(torch.from_numpy(g)[None]) * 255).round()[0]  # [3, 256, 256]
+    assert rgb.shape == (3, 256, 256)
+    px = lambda r, c: rgb[:, 16 * r + 8, 16 * c + 8]  # noqa: E731
+    centre, corner = px(7, 7), px(0, 0)
+    red = torch.tensor(RGB["red"], dtype=torch.float32)
+    assert centre[0] > 150 and centre[1] < 100 and centre[2] < 100 and (centre - red).abs().max() < 80
+    assert (corner.max() - corner.min()) < 40  # background: a grey-cream ramp, no object hue
+    rim = px(5, 5) if v3.CODE_KIND[g[5, 5]] == v3.KIND_RIM else px(5, 6)
+    assert corner[0] <= rim[0] + 60 and rim[1] < corner[1]  # a blend: between background and red
+    lo, hi = (vq.decode(torch.tensor([[[k]]]))[0, :, 0, 0] for k in (0, v3.BG_LEVELS - 1))
+    assert (hi > lo).all()  # background levels form a monotone ramp
+
+
+# ------------------------------------------------------------------ scorer v3
+
+@pytest.mark.parametrize("layout", v3.LAYOUTS)
+def test_drawn_scenes_score_100_percent_and_are_coherent_and_continuous(layout):
+    rng = rng0(7)
+    items = eval_items(12)
+    grids = [v3.draw(s, rng, layout) for s in items]
+    res = score(items, grids)
+    assert set(res["categories"]) == set(CATEGORIES) and res["overall"] == 1.0
+    assert res["coherence"] == 1.0 and res["continuity"] == 1.0 and res["mosaics"] == 0.0
+    specs = [sample_train_spec(rng) for _ in range(200)]
+    assert all(passes_v3(s, v3.draw(s, rng, layout)) for s in specs)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "shuffled", "blank", "flood"])
+def test_noise_scores_near_zero(kind):
+    rng = rng0(8)
+    items = eval_items(12)
+    grids = []
+    for s in items:
+        g = v3.draw(s, rng)
+        if kind == "uniform":
+            g = rng.integers(0, v3.CODEBOOK, g.shape)
+        elif kind == "shuffled":
+            g = rng.permutation(g.ravel()).reshape(g.shape)
+        elif kind == "blank":
+            g = np.zeros_like(g)
+        else:
+            g = np.full_like(g, v3.INTERIOR0 + rng.integers(v3.CODEBOOK - v3.INTERIOR0))
+        grids.append(g)
+    res = score(items, grids)
+    assert res["overall"] <= 0.05, res
+    if kind in ("uniform", "shuffled"):  # token-by-token noise breaks both new measures
+        assert res["coherence"] <= 0.1 and res["continuity"] <= 0.15, res
+    if kind == "uniform":
+        assert res["mosaics"] >= 0.5
+
+
+def test_mosaic_object_is_caught():
+    g = place(field(), "square", "red", 3, 3, 5)
+    assert colour_coherence(g) == 1.0 and mosaics(g) == 0 and [o.shape for o in find_objects(g)] == ["square"]
+    m = g.copy()
+    m[5, 5] = v3.interior_code(COLOURS.index("blue"), 3)  # one interior token sampled in another colour
+    assert mosaics(m) == 1 and colour_coherence(m) == 0.0
+    # the shape match tolerates one wrong token (IoU 0.85), so the categories alone would pass this
+    # object: the coherence measure is what sees it
+    assert [o.shape for o in find_objects(m) if o.colour == "red"] == ["square"]
+    band = g.copy()
+    band[5:7, 3:8] = v3.interior_code(COLOURS.index("blue"), 3)  # a mosaic: neither part is a square
+    assert mosaics(band) == 1 and "square" not in [o.shape for o in find_objects(band)]
+    speck = g.copy()
+    speck[14, 14] = v3.interior_code(0, 3)  # a stray object token on the background
+    assert 0.9 < colour_coherence(speck) < 1.0 and mosaics(speck) == 0
+
+
+def test_background_jump_is_caught():
+    g = field(1)
+    assert background_continuity(g) == 1.0
+    j = g.copy()
+    j[8, 8] = g[8, 8] + 10 if g[8, 8] + 10 < v3.BG_LEVELS else g[8, 8] - 10  # far past any neighbour
+    # the token and its 4 neighbours see the jump: 5 of the 256 tokens are no longer smooth
+    assert background_continuity(j) == pytest.approx(1 - 5 / v3.GRID ** 2)
+    assert background_continuity(np.full((4, 4), v3.INTERIOR0)) == 1.0  # no background: nothing to break
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_classifies_anywhere_in_every_colour_and_size(shape):
+    base = field(2)
+    for colour in COLOURS:
+        for size in v3.SIZES:
+            for top, left in ((0, 0), (3, 7), (v3.GRID - size, v3.GRID - size)):
+                (obj,) = find_objects(place(base, shape, colour, top, left, size))
+                assert (obj.shape, obj.colour) == (shape, colour)
+                assert obj.cells >= MIN_OBJECT
+
+
+def test_broken_and_merged_shapes_are_no_shape():
+    base = field(3)
+    g = place(base, "circle", "red", 2, 2, 6)
+    half = g.copy()
+    half[2:8, 5:8] = base[2:8, 5:8]
+    assert [o.shape for o in find_objects(half)] == [None]
+    two = place(place(base, "square", "red", 2, 2, 4), "square", "red", 2, 6, 4)  # touching: one blob
+    assert [o.shape for o in find_objects(two)] == [None]
+    cells = np.argwhere(v3.CODE_COLOUR[g] > 0)
+    assert classify(cells, g) == "circle" and classify(cells[:3], g) is None
+
+
+def test_category_rules_are_v2s():
+    base = field(4)
+    g = place(place(base, "circle", "red", 1, 1, 4), "square", "blue", 9, 9, 5)
+    assert passes_v3("a red circle above a blue square", g) and passes_v3("a square right of a circle", g)
+    assert not passes_v3("a blue circle and a red square", g) and not passes_v3("a circle below a square", g)
+    three = place(place(place(base, "triangle", "green", 0, 0, 4), "triangle", "green", 0, 8, 5),
+                  "triangle", "blue", 9, 0, 6)
+    assert passes_v3("three triangles", three) and not passes_v3("two triangles", three)
+
+
+# ------------------------------------------------------------------ the measurement script
+
+def test_token_stats_separates_v2_from_v3(tmp_path):
+    spec = importlib.util.spec_from_file_location("token_stats", ROOT / "bench" / "testbed" / "token_stats.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = {t: mod.stats(t, 150, 0, 5) for t in ("v2", "v3")}
+    assert rows["v2"]["predictable"] > 0.9 and rows["v2"]["H_given_N8_bits"] < 0.05
+    assert rows["v3"]["predictable"] < 0.1 and rows["v3"]["H_given_N4_bits"] > 0.4
+    assert rows["v3"]["codes_used"] > 200 and rows["v3"]["top_code_share"] < 0.1 < rows["v2"]["top_code_share"]
+    assert sum(rows["v3"]["histogram"]) == rows["v3"]["tokens"] == 150 * v3.GRID ** 2
+
+
+def test_train_script_trains_v3_within_a_minutes_budget(tmp_path):
+    """bench/testbed/train.py --testbed v3-slots: v3 batches, codebook and palette in the checkpoint;
+    --minutes stops the run early and the record says how many steps were done."""
+    from test_testbed import load_train_module
+
+    from ladr_rt.checkpoint import load_model
+    from ladr_rt.vq import load_vq
+
+    train = load_train_module()
+    out = tmp_path / "v3"
+    train.main(["--testbed", "v3-slots", "--steps", "50", "--minutes", "1e-6", "--batch", "2", "--d-model", "32",
+                "--layers", "1", "--heads", "2", "--mlp", "64", "--threads", "1", "--save-every", "0",
+                "--out", str(out)])
+    model = load_model(out)
+    assert model.cfg.layout.codebook == v3.CODEBOOK == load_vq(out).codebook
+    info = __import__("json").loads((out / "training.json").read_text())
+    assert info["testbed"] == "v3-slots" and info["steps"] == 1 and info["minutes_budget"] == 1e-6
+    rng, gen = rng0(0), torch.Generator().manual_seed(0)
+    from ladr_rt.config import ImageSpec
+    from ladr_rt.tokens import SequenceLayout
+
+    seq = SequenceLayout(ImageSpec(256, 256, train.PROMPT_BUDGET), testbed.layout("v3"))
+    _, _, codes, _ = train.batch(rng, testbed.tokenizer(), seq, 4, 0.0, gen, testbed="v3")
+    assert codes.max() < v3.CODEBOOK and (v3.CODE_KIND[codes.numpy()] == v3.KIND_RIM).any()
