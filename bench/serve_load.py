@@ -31,8 +31,8 @@ Every response's PNG is hashed; ``images_equal`` says whether each request gave 
 in every configuration and round.
 
 ``--rss-requests N``: the resident memory (/proc/PID/statm) of the continuous B = ``--rss-batch``
-server before and after N more requests, sampled along the way, with the least-squares slope
-over the second half (MiB per 1000 requests): a leak grows linearly, an allocator settling does not.
+server, idle, after a warm-up and after every ``--rss-chunk`` of N more requests, with the
+least-squares slope over the second half (MiB per 1000 requests): a leak grows linearly.
 
 Outputs: a table on stdout, ``--json`` (everything, per request included), ``--plot``
 (optional), the ``serve-load`` section of ``--results`` (optional) and, last, one JSON line.
@@ -322,22 +322,38 @@ def compare(st: dict, co: dict, B: int) -> dict:
     return {"batch": B, **med, "rounds": per}
 
 
+def wait_idle(server: Server, client, timeout: float = 60.0) -> None:
+    """Until the server has no request running or waiting, and its decode thread's idle trim ran."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = server.metrics(client)
+        if m["ladr_rt_busy_slots"] == 0 and m["ladr_rt_queue_depth"] == 0:
+            time.sleep(0.5)
+            return
+        time.sleep(0.1)
+    raise ServerFailed(f"the server did not go idle within {timeout:.0f} s")
+
+
 def rss_run(server: Server, args, client) -> dict:
-    """The server's RSS before, along and after ``args.rss_requests`` more requests."""
+    """The server's RSS, idle, after a warm-up and after every ``args.rss_chunk`` of
+    ``args.rss_requests`` more requests (closed loop within a chunk). Sampled idle so the
+    number is the memory the server keeps, not a step's transient tensors."""
     B = server.batch
     clients = args.clients or 2 * B
-    samples = []
-    every = max(1, args.rss_requests // 20)
-
-    def sample(done: int) -> None:
-        if done % every == 0:
-            samples.append({"requests": done, "rss_mib": server.rss_bytes() / MiB})
-
     warm_up(server.url, max(args.warmup, 1) * B * 2)
+    wait_idle(server, client)
     before = server.rss_bytes()
-    load = Load(server.url, request_list(args.rss_requests, seed0=2 * 10**9), clients, None, keep=False,
-                on_done=sample)
-    wall = load.run()
+    samples, done, errors, wall = [], 0, {}, 0.0
+    reqs = request_list(args.rss_requests, seed0=2 * 10**9)
+    while done < len(reqs):
+        chunk = reqs[done:done + args.rss_chunk]
+        load = Load(server.url, chunk, clients, None, keep=False)
+        wall += load.run()
+        for k, v in load.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        done += len(chunk)
+        wait_idle(server, client)
+        samples.append({"requests": done, "rss_mib": server.rss_bytes() / MiB})
     after = server.rss_bytes()
     half = [s for s in samples if s["requests"] > args.rss_requests / 2]
     slope = None
@@ -346,9 +362,9 @@ def rss_run(server: Server, args, client) -> dict:
         y = np.array([s["rss_mib"] for s in half])
         slope = float(np.polyfit(x, y, 1)[0] * 1000)
     rss = [s["rss_mib"] for s in samples]
-    return {"requests": args.rss_requests, "completed": load.done, "batch": B, "mode": server.mode,
-            "size": f"{args.size}x{args.size}", "clients": clients, "wall_s": wall,
-            "errors": sum(load.errors.values()), "errors_by_type": load.errors,
+    return {"requests": args.rss_requests, "completed": args.rss_requests - sum(errors.values()), "batch": B,
+            "mode": server.mode, "size": f"{args.size}x{args.size}", "clients": clients, "chunk": args.rss_chunk,
+            "wall_s": wall, "errors": sum(errors.values()), "errors_by_type": errors,
             "rss_before_mib": before / MiB, "rss_after_mib": after / MiB, "growth_mib": (after - before) / MiB,
             "rss_min_mib": min(rss) if rss else None, "rss_max_mib": max(rss) if rss else None,
             "second_half_slope_mib_per_1000": slope, "samples": samples}
@@ -437,7 +453,7 @@ def run(args) -> dict:
     compared = [i for i in seen if count[i] > 1]
     report["images_compared"] = len(compared)
     report["images_differing"] = sorted((i for i in compared if len(seen[i]) > 1), key=int)
-    report["images_equal"] = bool(compared) and not report["images_differing"]
+    report["images_equal"] = (not report["images_differing"]) if compared else None  # None: nothing ran twice
     report["errors_total"] = sum(c["errors"] for c in report["configs"]) + report.get("rss", {}).get("errors", 0)
     report["truncated_any"] = any(c["truncated"] for c in report["configs"])
     return report
@@ -475,7 +491,7 @@ def rss_line(r: dict) -> str:
     slope = r["second_half_slope_mib_per_1000"]
     return (f"RSS of the {r['mode']} B={r['batch']} server over {r['completed']} requests ({r['size']}, "
             f"{r['clients']} clients, {r['errors']} errors): {r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB "
-            f"({r['growth_mib']:+.1f} MiB); samples every {max(1, r['requests'] // 20)} requests ranged "
+            f"({r['growth_mib']:+.1f} MiB); idle samples after every {r['chunk']} requests ranged "
             f"{_f(r['rss_min_mib'], '.1f')}–{_f(r['rss_max_mib'], '.1f')} MiB; least-squares slope over the second "
             f"half {_f(slope, '+.1f')} MiB per 1000 requests.")
 
@@ -582,6 +598,7 @@ def parse_args(argv=None):
     ap.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to be ready")
     ap.add_argument("--rss-requests", type=int, default=0, help="RSS check over this many requests (0: skip)")
     ap.add_argument("--rss-batch", type=int, default=8)
+    ap.add_argument("--rss-chunk", type=int, default=100, help="requests between idle RSS samples")
     ap.add_argument("--json", default=str(HERE / "results" / "serve_load.json"))
     ap.add_argument("--plot", default=None, help="PNG: images/s and p50/p99 per mode and B")
     ap.add_argument("--results", default=None, help="markdown file whose serve-load section is replaced")

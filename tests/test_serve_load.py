@@ -29,7 +29,7 @@ def serve_load():
 def test_serve_load_tiny_run(serve_load, tmp_path, capsys):
     out, png, md = tmp_path / "serve_load.json", tmp_path / "serve_load.png", tmp_path / "RESULTS.md"
     report = serve_load.main(["--batches", "1,2", "--requests", "4", "--rounds", "2", "--warmup", "1", "--steps", "4",
-                              "--size", "64", "--threads", "1", "--rss-requests", "6", "--rss-batch", "2",
+                              "--size", "64", "--threads", "1", "--rss-requests", "6", "--rss-batch", "2", "--rss-chunk", "2",
                               "--json", str(out), "--plot", str(png), "--results", str(md), "--quiet"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # ends with one JSON line
     on_disk = json.loads(out.read_text())
@@ -61,7 +61,7 @@ def test_serve_load_tiny_run(serve_load, tmp_path, capsys):
     assert set(last["continuous_vs_static"]) == {"1", "2"}
     rss = on_disk["rss"]
     assert rss["completed"] == 6 and rss["errors"] == 0 and rss["rss_before_mib"] > 0 and rss["batch"] == 2
-    assert len(rss["samples"]) == 6 and "second_half_slope_mib_per_1000" in rss
+    assert len(rss["samples"]) == 3 and "second_half_slope_mib_per_1000" in rss
     assert png.stat().st_size > 0 and "<!-- serve-load:start -->" in md.read_text()
 
 

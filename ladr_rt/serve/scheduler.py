@@ -127,8 +127,9 @@ class Scheduler:
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         # A step's CPU tensors (megabytes each) go back to glibc's per-thread arenas, which keep
         # the pages: a long-running server's RSS crept up ~70 MiB over 1000 requests with a
-        # constant Python heap (bench/RESULTS.md, "Serving load"). Every `trim_every` images
-        # the decode thread hands free pages back to the OS (a few ms, off the step loop).
+        # constant Python heap (bench/RESULTS.md, "Serving load"). Every `trim_every` images,
+        # and whenever the batch drains, the decode thread hands free pages back to the OS (a
+        # few ms, off the step loop), so an idle server's RSS is its live memory.
         self._trim = _malloc_trim() if trim_every > 0 else None
         self._trim_every, self._images_since_trim = trim_every, 0
         self._thread = None
@@ -313,7 +314,8 @@ class Scheduler:
             _settle(req.future, ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
                                             req.admitted - req.submitted, run_s, dt))
         self._images_since_trim += len(ok)
-        if self._trim is not None and self._images_since_trim >= self._trim_every:
+        idle = not self._queue and not self.busy  # a racy read is harmless: a trim costs ms, off the loop
+        if self._trim is not None and (self._images_since_trim >= self._trim_every or idle):
             self._images_since_trim = 0
             self._trim(0)
 
