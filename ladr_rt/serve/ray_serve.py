@@ -50,6 +50,10 @@ class LadrReplica:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, math.floor(cpus)))
         self.replica = serve.get_replica_context().replica_tag
+        # Under Ray the queue bound is Ray's (max_queued_requests = --max-queue, at the proxy):
+        # a replica holds at most max_ongoing requests of up to max_n images, so its own queue
+        # is sized to never refuse what Ray sent it.
+        opts = dataclasses.replace(opts, max_queue=max(opts.max_queue, max_ongoing(served_batch(opts)) * opts.max_n))
         try:
             # Off the replica's event loop: Ray's own calls to the replica stay answered meanwhile.
             sched = await asyncio.to_thread(opts.scheduler_factory())
@@ -61,6 +65,18 @@ class LadrReplica:
 
     def __serve_build_asgi_app__(self):
         return self._ladr_app
+
+    def __del__(self):
+        # Ray runs the app's lifespan shutdown (which closes the scheduler) just before this;
+        # closing here too covers a replica whose app never started. The line in the replica's
+        # log is what tests/test_serve_ray.py looks for after a SIGTERM.
+        app = getattr(self, "_ladr_app", None)
+        sched = app.state.ladr["sched"] if app is not None else None
+        if sched is not None:
+            if not sched.closed:
+                sched.close(30)
+            logging.getLogger("ray.serve").info(f"ladr-rt replica {self.replica}: scheduler closed after "
+                                                f"{sched.steps_run} steps")
 
     def check_health(self) -> None:
         """Ray calls this every health_check_period_s; raising makes Ray replace the replica."""
@@ -94,6 +110,13 @@ def served_batch(opts: ServeOptions) -> int:
     return DEFAULT_BATCH
 
 
+def max_ongoing(batch: int) -> int:
+    """Requests Ray sends a replica at once: B into slots and up to B more waiting, enough to
+    start the next at a step boundary, few enough that Ray keeps the rest and sends them to
+    whichever replica frees a slot first."""
+    return 2 * batch
+
+
 def deployment_options(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: float | None = None) -> dict:
     """Ray's per-deployment options. ``cluster_cpus``: the CPUs of the cluster the CLI started, so
     CPU replicas split them; None (a config file on some cluster): one CPU each unless
@@ -111,10 +134,7 @@ def deployment_options(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: fl
         cpus = float(math.floor(share)) if share >= 1 else share
     out = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
-        # A replica takes B requests into slots and holds up to B more waiting: enough to start
-        # the next at a step boundary, few enough that Ray keeps the rest and sends them to
-        # whichever replica frees a slot first.
-        "max_ongoing_requests": 2 * b,
+        "max_ongoing_requests": max_ongoing(b),
         # Requests beyond that wait in Ray's proxy, bounded like the single-process queue.
         "max_queued_requests": opts.max_queue,
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},

@@ -128,8 +128,12 @@ class ScaleOptions:
             if self.replicas is not None and not lo <= self.replicas <= hi:
                 raise ServeError(f"--replicas {self.replicas} (the count to start with) is outside --autoscale "
                                  f"{self.autoscale}; give a count between {lo} and {hi}, or leave --replicas out")
-        if self.replica_cpus is not None and not self.replica_cpus > 0:
-            raise ServeError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+        if self.replica_cpus is not None:
+            if not self.enabled:
+                raise ServeError("--replica-cpus sizes Ray replicas: add --replicas N or --autoscale MIN:MAX, or leave "
+                                 "it out")
+            if not self.replica_cpus > 0:
+                raise ServeError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
         if serve is not None and self.enabled:
             dev = str(serve.device)
             if dev.startswith("cuda:"):
