@@ -3,7 +3,7 @@ deployment, one replica per GPU or per CPU process, each with its own pipeline a
 
     ladr-rt serve --replicas 2                       # a local Ray on this machine
     ladr-rt serve --autoscale 1:4
-    serve run ladr_rt/serve/ray_config.yaml          # Ray's CLI, a cluster: import path ladr_rt.serve.ray_serve:app
+    serve run deploy/ray-serve.yaml                  # Ray's CLI: import_path ladr_rt.serve.ray_serve:app
 
 Ray routes requests across replicas, starts/restarts/autoscales them and runs the HTTP proxy;
 inside a replica the step-level batching is the Scheduler's, as in the single-process server.
@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import math
 import signal
-import threading
 
 import torch
 from ray import serve
@@ -53,8 +52,8 @@ class LadrReplica:
         # Under Ray the queue bound is Ray's (max_queued_requests = --max-queue, at the proxy):
         # a replica holds at most max_ongoing requests of up to max_n images, so its own queue
         # is sized to never refuse what Ray sent it.
-        opts = dataclasses.replace(opts, max_queue=max(opts.max_queue, max_ongoing(served_batch(opts)) * opts.max_n))
         try:
+            opts = dataclasses.replace(opts, max_queue=max(opts.max_queue, max_ongoing(served_batch(opts)) * opts.max_n))
             # Off the replica's event loop: Ray's own calls to the replica stay answered meanwhile.
             sched = await asyncio.to_thread(opts.scheduler_factory())
         except Exception as e:  # noqa: BLE001 -- one line through Ray's deploy status to the CLI
@@ -260,6 +259,8 @@ def run(opts: ServeOptions, scale: ScaleOptions, log=print) -> str | None:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C / SIGTERM (Ray's own handler) during start-up
             raise _Stopped(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM) from None
+        except Exception as e:  # noqa: BLE001 -- e.g. no space in /tmp for Ray's session, ports refused
+            raise ServeError(f"Ray did not start ({_one_line(e)}); see /tmp/ray/session_latest/logs") from None
         finally:
             started = ray.is_initialized()
         for sig in orig:
