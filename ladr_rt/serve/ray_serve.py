@@ -23,7 +23,7 @@ import signal
 import torch
 from ray import serve
 
-from ..config import SamplerConfig
+from ..config import LadrParams, SamplerConfig
 from .app import AppConfig, create_app, health_body
 from .server import DEFAULT_BATCH, ScaleOptions, ServeError, ServeOptions, bind
 
@@ -163,7 +163,7 @@ def build(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: float | None = 
 
 
 ARG_FIELDS = ("model", "engine", "batch", "mode", "max_queue", "api_key", "device", "dtype", "steps", "cfg",
-              "temperature", "sampler", "height", "width", "prompt_budget", "max_n", "replicas", "autoscale",
+              "temperature", "sampler", "ladr", "height", "width", "prompt_budget", "max_n", "replicas", "autoscale",
               "replica_cpus")
 
 
@@ -191,6 +191,8 @@ def options_from_args(args: dict) -> tuple[ServeOptions, ScaleOptions]:
     sampler = SamplerConfig(**{k: args.pop(key) for key, k in (("steps", "steps"), ("cfg", "cfg"),
                                                               ("temperature", "temperature"), ("sampler", "name"))
                                if key in args})
+    if "ladr" in args:  # the phase table as `--ladr` takes it: "tau_refine=0.05,alpha_refine=0.3"
+        sampler = dataclasses.replace(sampler, ladr=LadrParams.from_option(args.pop("ladr"), sampler.name))
     scale = ScaleOptions(**{k: args.pop(k) for k in ("replicas", "autoscale", "replica_cpus") if k in args})
     opts = ServeOptions(**args, device=device, dtype=None if args.get("engine") else DTYPES[dtype], sampler=sampler)
     return opts, scale
