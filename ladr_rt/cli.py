@@ -353,16 +353,23 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="Eager precision (auto: bf16 on CUDA).")
+@click.option("--replicas", type=int, default=None,
+              help="Run on Ray Serve with N replicas (one per GPU on cuda, else CPU processes); with --autoscale, "
+                   "the count to start with.  [default: no Ray, one process]")
+@click.option("--autoscale", default=None, metavar="MIN:MAX",
+              help="Run on Ray Serve and let Ray add/remove replicas between MIN and MAX by requests in flight.")
+@click.option("--replica-cpus", type=float, default=None,
+              help="Ray CPUs (= torch threads) per CPU replica.  [default: this machine's CPUs / the most replicas]")
 @ladr_option
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
-          temperature, sampler, device, dtype, ladr) -> None:
+          temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus) -> None:
     """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /health, GET /metrics."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(f"ladr-rt serve needs {e.name}: pip install 'ladr-rt[serve]'") from None
-    from .serve.server import ServeError, ServeOptions, run
+    from .serve.server import ScaleOptions, ServeError, ServeOptions, run
 
     table = _ladr(ladr, sampler)  # before the device probe: a typo'd table is the first thing said
     if engine is not None and dtype != "auto":
@@ -375,9 +382,22 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
                         sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
                         height=height, width=width, prompt_budget=prompt_budget)
+    scale = ScaleOptions(replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus)
+    log = lambda m: click.echo(f"ladr-rt serve: {m}", err=True)  # noqa: E731
     try:
         opts.validate()
-        stopped = run(opts, log=lambda m: click.echo(f"ladr-rt serve: {m}", err=True))
+        scale.validate(opts)
+        if scale.enabled:
+            try:
+                from .serve.ray_serve import run as run_on_ray
+            except ImportError as e:
+                if not (e.name or "").startswith("ray"):
+                    raise
+                raise UserError("--replicas/--autoscale run on Ray Serve, which is not installed: "
+                                "pip install 'ladr-rt[serve]'") from None
+            stopped = run_on_ray(opts, scale, log=log)
+        else:
+            stopped = run(opts, log=log)
     except ServeError as e:
         raise UserError(str(e)) from None
     if stopped:

@@ -51,6 +51,31 @@ class AppConfig:
     max_body: int = 64 * 1024  # bytes; a prompt is a few hundred
     retry_after: int = 1  # seconds, the Retry-After of a 429 / 503 when no latency is known yet
     model_name: str = "ladr-rt"
+    # Set by a Ray Serve replica (ladr_rt/serve/ray_serve.py): every response then carries
+    # "x-ladr-replica: <id>", so a client can tell which replica answered. None: no header.
+    replica: str | None = None
+
+
+REPLICA_HEADER = "x-ladr-replica"
+
+
+class _ReplicaHeader:
+    """Pure ASGI (not BaseHTTPMiddleware, which wraps ``receive`` and would hide the client's
+    http.disconnect from the handler that watches for it)."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), value.encode("latin-1"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_tagged)
 
 
 class ApiError(Exception):
@@ -252,6 +277,8 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
             await asyncio.to_thread(state["sched"].close, 30)
 
     app = FastAPI(title="ladr-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cfg.replica is not None:
+        app.add_middleware(_ReplicaHeader, value=cfg.replica)
     app.state.ladr = state
     app.state.metrics = metrics
     app.state.config = cfg
@@ -275,14 +302,8 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state["sched"] is not None:
-            # the server's sampler and LADR phase table (one per server: `serve --ladr`), for a client
-            # that wants to know which variant made its images
-            c = state["sched"].cfg
-            return {"status": "ready", "sampler": c.name,
-                    "ladr": dataclasses.asdict(c.ladr) if c.name in LADR_SAMPLERS else None}
-        body = {"status": "failed", "error": state["error"]} if state["error"] else {"status": "loading"}
-        return JSONResponse(body, status_code=503)
+        body = health_body(state)
+        return body if body["status"] == "ready" else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics_text():
@@ -323,6 +344,23 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
         return {"created": int(time.time()), "data": data}
 
     return app
+
+
+def health_body(state: dict) -> dict:
+    """/health's answer, from the app's state (``app.state.ladr``); a Ray Serve replica's
+    check_health reads the same, so the probe and Ray agree."""
+    sched = state["sched"]
+    if sched is None:
+        return {"status": "failed", "error": state["error"]} if state["error"] else {"status": "loading"}
+    problem = sched.health()
+    if problem is None:
+        # the server's sampler and LADR phase table (one per server: `serve --ladr`), for a client
+        # that wants to know which variant made its images
+        c = sched.cfg
+        return {"status": "ready", "sampler": c.name,
+                "ladr": dataclasses.asdict(c.ladr) if c.name in LADR_SAMPLERS else None}
+    # A closed scheduler is a server going down; a dead loop would leave requests hanging.
+    return {"status": "stopping"} if state["closing"] or sched.closed else {"status": "failed", "error": problem}
 
 
 async def _read_body(request: Request, cap: int) -> bytes:

@@ -114,6 +114,7 @@ class Scheduler:
         self._slots: list[_Request | None] = [None] * pipe.batch
         self._cond = threading.Condition()
         self._closed = False
+        self._died: str | None = None  # why the loop thread ended without close(); see health()
         with pipe._lock:
             pipe.owner = self  # LadrPipeline.__call__ now refuses: it would reset every slot
             self.sampler = pipe.open_slots(self.cfg)
@@ -192,6 +193,21 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def health(self) -> str | None:
+        """None while requests can be served; else why not (closed, or the loop thread is gone,
+        which would leave every later request waiting forever). Cheap: for health probes."""
+        if self._closed:
+            return "the scheduler is closed"
+        if self._died is not None:
+            return f"the scheduler loop died: {self._died}"
+        if self._thread is not None and not self._thread.is_alive():
+            return "the scheduler loop thread is not running"
+        return None
 
     def close(self, timeout: float | None = None) -> None:
         """Stops the loop after its current step; waiting and running requests fail with
@@ -320,6 +336,13 @@ class Scheduler:
             self._trim(0)
 
     def _loop(self) -> None:
+        try:
+            self._serve_forever()
+        except BaseException as e:  # noqa: BLE001 -- recorded for health(), then the thread ends as it would
+            self._died = f"{type(e).__name__}: {e}"
+            raise
+
+    def _serve_forever(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self._queue and not self.busy:

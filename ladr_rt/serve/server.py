@@ -83,6 +83,64 @@ def sampler_line(cfg: SamplerConfig) -> str:
     return line + (f", --ladr {cfg.ladr.table()}" if cfg.name in LADR_SAMPLERS else "")
 
 
+@dataclass
+class ScaleOptions:
+    """Replicas on Ray Serve (ladr_rt/serve/ray_serve.py). Plain data, checked without Ray, so
+    the CLI refuses a bad value before importing it. Neither field set: the single-process
+    server."""
+
+    replicas: int | None = None  # a fixed count; with autoscale, the count to start with
+    autoscale: str | None = None  # "MIN:MAX": Ray adds and removes replicas between the two
+    replica_cpus: float | None = None  # Ray CPUs reserved per CPU replica; None: the cluster's CPUs / MAX
+
+    @property
+    def enabled(self) -> bool:
+        return self.replicas is not None or self.autoscale is not None
+
+    @property
+    def bounds(self) -> tuple[int, int] | None:
+        """(MIN, MAX) of --autoscale, or None."""
+        if self.autoscale is None:
+            return None
+        lo, sep, hi = str(self.autoscale).partition(":")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            raise ServeError(f"--autoscale takes MIN:MAX, two whole numbers such as 1:4, got {self.autoscale!r}")
+        return int(lo), int(hi)
+
+    @property
+    def most(self) -> int:
+        """The most replicas that may run at once (what per-replica CPUs are sized for)."""
+        b = self.bounds
+        return b[1] if b else (self.replicas or 1)
+
+    def validate(self, serve: ServeOptions | None = None) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise ServeError(f"--replicas must be >= 1, got {self.replicas}")
+        b = self.bounds
+        if b is not None:
+            lo, hi = b
+            if lo < 1:
+                # Scale-to-zero would make the next request wait out a model load; not offered.
+                raise ServeError(f"--autoscale {self.autoscale}: MIN must be >= 1 (one replica stays up to answer)")
+            if lo > hi:
+                raise ServeError(f"--autoscale {self.autoscale}: MIN {lo} is over MAX {hi}; give MIN:MAX with MIN <= MAX, "
+                                 f"such as {hi}:{lo}")
+            if self.replicas is not None and not lo <= self.replicas <= hi:
+                raise ServeError(f"--replicas {self.replicas} (the count to start with) is outside --autoscale "
+                                 f"{self.autoscale}; give a count between {lo} and {hi}, or leave --replicas out")
+        if self.replica_cpus is not None:
+            if not self.enabled:
+                raise ServeError("--replica-cpus sizes Ray replicas: add --replicas N or --autoscale MIN:MAX, or leave "
+                                 "it out")
+            if not self.replica_cpus > 0:
+                raise ServeError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+        if serve is not None and self.enabled:
+            dev = str(serve.device)
+            if dev.startswith("cuda:"):
+                raise ServeError(f"--device {dev}: on Ray each replica gets one GPU of its own (it sees it as cuda); "
+                                 "give --device cuda or auto")
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a port in use or a bad host is one line, not
     uvicorn's log and exit."""
