@@ -96,7 +96,7 @@ class Scheduler:
     leaves the loop to the caller (``run_once``), for tests and benchmarks."""
 
     def __init__(self, pipe: LadrPipeline, cfg: SamplerConfig = SamplerConfig(), mode: str = "continuous",
-                 max_queue: int = 64, start: bool = True, trim_every: int = 32):
+                 max_queue: int = 64, start: bool = True, trim_when_idle: bool = True):
         if mode not in MODES:
             raise ValueError(f"unknown scheduler mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "sequential" and pipe.batch != 1:
@@ -127,12 +127,12 @@ class Scheduler:
         dev = pipe.denoiser.device
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         # A step's CPU tensors (megabytes each) go back to glibc's per-thread arenas, which keep
-        # the pages: a long-running server's RSS crept up ~70 MiB over 1000 requests with a
-        # constant Python heap (bench/RESULTS.md, "Serving load"). Every `trim_every` images,
-        # and whenever the batch drains, the decode thread hands free pages back to the OS (a
-        # few ms, off the step loop), so an idle server's RSS is its live memory.
-        self._trim = _malloc_trim() if trim_every > 0 else None
-        self._trim_every, self._images_since_trim = trim_every, 0
+        # the pages: a server's RSS crept up ~70 MiB over its first ~700 requests with a constant
+        # Python heap, then stayed (bench/RESULTS.md, "Serving load"). When the batch drains
+        # the decode thread hands the free pages back to the OS, so an idle server's RSS is its
+        # live memory. Not under load: in two runs on 2 cores, trimming every 32 images came with
+        # continuous steps 13-30% slower than static's, against equal without it (same place).
+        self._trim = _malloc_trim() if trim_when_idle else None
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._loop, name="ladr-rt-scheduler", daemon=True)
@@ -329,10 +329,8 @@ class Scheduler:
             trace["cfg"] = req.guidance
             _settle(req.future, ServeResult(img, c, trace, len(trace["rescued"]), b, req.admitted_step,
                                             req.admitted - req.submitted, run_s, dt))
-        self._images_since_trim += len(ok)
-        idle = not self._queue and not self.busy  # a racy read is harmless: a trim costs ms, off the loop
-        if self._trim is not None and (self._images_since_trim >= self._trim_every or idle):
-            self._images_since_trim = 0
+        # A racy read is harmless: at worst a trim runs as a request arrives, off the step loop.
+        if self._trim is not None and not self._queue and not self.busy:
             self._trim(0)
 
     def _loop(self) -> None:
