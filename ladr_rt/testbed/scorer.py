@@ -73,14 +73,17 @@ def classify(cells: np.ndarray, grid: np.ndarray) -> str | None:
     return best if best_iou >= MIN_IOU else None
 
 
-def find_objects(grid: np.ndarray) -> list[Found]:
+def find_objects(grid: np.ndarray, code_colour: np.ndarray | None = None, classify_fn=None) -> list[Found]:
+    """``code_colour`` (code -> colour index, 0 = background) and ``classify_fn`` default to v2's;
+    scorer_v3 passes its own."""
     grid = np.asarray(grid)
-    colour = CODE_COLOUR[grid]  # [H, W] 0 = background
+    colour = (CODE_COLOUR if code_colour is None else code_colour)[grid]  # [H, W] 0 = background
+    classify_fn = classify if classify_fn is None else classify_fn
     out = []
     for k in range(1, 1 + len(COLOURS)):
         for cells in components(colour == k):
             if len(cells) >= MIN_CELLS:
-                out.append(Found(classify(cells, grid), COLOURS[k - 1], tuple(cells.mean(0)), len(cells)))
+                out.append(Found(classify_fn(cells, grid), COLOURS[k - 1], tuple(cells.mean(0)), len(cells)))
     return out
 
 

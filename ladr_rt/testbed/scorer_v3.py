@@ -20,9 +20,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from .scenes import CATEGORIES, COLOURS, SHAPES, Spec
+from .scenes import CATEGORIES, SHAPES, Spec
 from .scenes_v3 import CODE_COLOUR, CODE_COVERAGE, CODE_KIND, CODE_LEVEL, COVER, KIND_BG, MAX_STEP
-from .scorer import MIN_CELLS, Found, components, passes
+from .scorer import Found, components, passes
+from .scorer import find_objects as _find_objects
 
 MIN_IOU = 0.85  # the shapes' own maps overlap at most 0.74 (scenes_v3.coverage), a drawn object matches at 1
 MIN_OBJECT = 6  # foreground tokens; the smallest drawn object (a size-4 circle) has 12 + 4 rims
@@ -47,14 +48,7 @@ def classify(cells: np.ndarray, grid: np.ndarray) -> str | None:
 
 
 def find_objects(grid: np.ndarray) -> list[Found]:
-    grid = np.asarray(grid)
-    colour = CODE_COLOUR[grid]
-    out = []
-    for k in range(1, 1 + len(COLOURS)):
-        for cells in components(colour == k):
-            if len(cells) >= MIN_CELLS:
-                out.append(Found(classify(cells, grid), COLOURS[k - 1], tuple(cells.mean(0)), len(cells)))
-    return out
+    return _find_objects(grid, CODE_COLOUR, classify)
 
 
 def colour_coherence(grid: np.ndarray) -> float:
