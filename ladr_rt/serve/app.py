@@ -9,7 +9,7 @@ A factory is called in a background thread once the server is up, so the port an
 The request body is parsed here, by hand, so that every refusal names its field (OpenAI's error
 shape: ``{"error": {"message", "type", "param", "code"}}``) and NaN/Infinity, which Python's json
 would accept, are refused. The endpoint awaits the scheduler's concurrent Future through
-``asyncio.wrap_future`` (the event loop never blocks on a step) and watches the connection
+an asyncio future (``_bridge``; the event loop never blocks on a step) and watches the connection
 meanwhile: a client that goes away cancels its requests, which frees their slots at the next step.
 
 Needs the ``serve`` extra (fastapi, uvicorn); ``import ladr_rt`` and ``generate`` do not.
@@ -400,7 +400,8 @@ def _submit_error(e: BaseException, sched: Scheduler, cfg: AppConfig) -> ApiErro
 async def _await_or_cancel(request: Request, futs) -> list:
     """The results of ``futs``; if the client disconnects first, every future is cancelled
     (their slots free at the next step) and the handler gives up."""
-    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.ensure_future(asyncio.gather(*(_bridge(f, loop) for f in futs)))
 
     async def gone():
         # The body was read, so the next ASGI message is http.disconnect (client gone) and
@@ -428,6 +429,34 @@ async def _await_or_cancel(request: Request, futs) -> list:
         for f in futs:
             f.cancel()
         raise _run_error(e) from None
+
+
+def _bridge(fut, loop) -> asyncio.Future:
+    """An asyncio future that takes ``fut``'s outcome. ``asyncio.wrap_future`` would chain the two
+    both ways, a reference cycle that keeps every finished image alive until the cyclic GC
+    runs (rarely, in a process holding a model): the server's RSS grew with it. Here only
+    ``fut`` points at the asyncio side; cancelling goes to ``fut`` directly (_await_or_cancel)."""
+    af = loop.create_future()
+
+    def done(f):
+        try:
+            loop.call_soon_threadsafe(_copy_outcome, f, af)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody waits
+            pass
+
+    fut.add_done_callback(done)
+    return af
+
+
+def _copy_outcome(f, af: asyncio.Future) -> None:
+    if af.done():
+        return
+    if f.cancelled():
+        af.cancel()
+    elif f.exception() is not None:
+        af.set_exception(f.exception())
+    else:
+        af.set_result(f.result())
 
 
 def _run_error(e: BaseException) -> ApiError:

@@ -37,8 +37,10 @@ import ctypes.util
 import dataclasses
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -166,8 +168,11 @@ class Scheduler:
             else:
                 self._queue.append(req)
                 self._cond.notify()
-                # Registered only once queued: a future that failed above has nothing to free.
-                fut.add_done_callback(lambda f, req=req: self._on_cancel(req) if f.cancelled() else None)
+                # Registered only once queued: a future that failed above has nothing to free. The
+                # callback holds the request weakly: req -> future -> callback -> req would be a
+                # cycle, and each finished request (its image, codes, prompt rows) would then wait
+                # for the cyclic GC, which in a server holding the model runs rarely.
+                fut.add_done_callback(partial(_cancelled, weakref.ref(self), weakref.ref(req)))
         return fut
 
     def cancel(self, fut: Future) -> bool:
@@ -356,6 +361,12 @@ class Scheduler:
                         self._slots[b] = None
                         _settle(r.future, exc=e)
 
+
+
+def _cancelled(sched_ref, req_ref, fut: Future) -> None:
+    sched, req = sched_ref(), req_ref()
+    if fut.cancelled() and sched is not None and req is not None:
+        sched._on_cancel(req)
 
 
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
