@@ -17,6 +17,7 @@ import torch
 
 from .config import LADR_SAMPLERS, ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
+from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from .samplers import RunState, make_sampler
 from .tokens import SequenceLayout, build_rows, write_image_tokens
 from .vq import to_uint8
@@ -38,89 +39,6 @@ class GenerationResult:
     evaluations: int  # denoiser calls
     seconds: float  # prompt to codes (excludes VQ decode)
     decode_seconds: float
-
-
-class CudaGraphs:
-    """The torch.cuda calls of a whole-step capture, behind one object (``LadrPipeline.graphs``)
-    so that CPU tests can stand a fake in for it and run the capture, cache and fallback logic."""
-
-    def usable(self, device: torch.device) -> bool:
-        return device.type == "cuda"
-
-    def synchronize(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def capture(self, fn, device: torch.device, generators: tuple[torch.Generator, ...] = ()):
-        """One warm-up call of ``fn``, then ``fn`` captured into a new ``torch.cuda.CUDAGraph``.
-
-        Warm-up and capture share one side stream: cuBLAS workspaces and allocator blocks are
-        per stream, so a warm-up elsewhere would leave their lazy creation inside the capture.
-        ``generators``: those ``fn`` draws from (one per slot), each registered so that each
-        replay reads its current seed and offset and then advances it. A CUDAGraph takes
-        several registered generators; a replay advances each by what the capture drew from it."""
-        cur = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(cur)
-        graph = None
-        try:
-            with torch.cuda.stream(side):
-                fn()
-            graph = torch.cuda.CUDAGraph()
-            if generators:
-                if not hasattr(graph, "register_generator_state"):
-                    raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
-                                       "replays could not draw fresh noise from the sampler's generator")
-                for g in generators:
-                    graph.register_generator_state(g)
-            with torch.cuda.graph(graph, stream=side):
-                fn()
-        except BaseException:
-            # torch.cuda.graph leaves its stream current when capture_begin or capture_end raises,
-            # and a graph whose capture failed still holds its memory pool and generator entry.
-            if torch.cuda.current_stream(device) != cur:
-                torch.cuda.set_stream(cur)
-            if graph is not None:
-                with contextlib.suppress(Exception):
-                    graph.reset()
-            raise
-        finally:
-            cur.wait_stream(side)
-        return graph
-
-
-class StepGraphs:
-    """A pipeline's whole-step graphs, one per (sampler and its config less the seed, T, batch).
-
-    A graph reads and writes the run-state, the pipeline's buffers and the slots' generators by
-    address, so the cache holds only graphs captured against the objects it is bound to: binding
-    to another run-state, generator or denoiser drops every entry. The seed is left out of the key
-    because a replay reads each generator's current seed (RunState.reset and RunState.admit
-    reseed them in place)."""
-
-    max_entries = 4  # each graph keeps a private memory pool (a step's intermediates)
-
-    def __init__(self):
-        self.entries: dict[str, object] = {}  # key -> CUDAGraph, or None: its capture failed, run plain steps
-        self.bound: tuple = ()
-
-    @staticmethod
-    def key(sampler) -> str:
-        s = sampler.s
-        return repr((type(sampler).__name__, dataclasses.replace(sampler.cfg, seed=0), s.T, s.B))
-
-    def bind(self, *objs) -> None:
-        if len(objs) != len(self.bound) or any(a is not b for a, b in zip(objs, self.bound)):
-            self.entries.clear()
-            self.bound = objs
-
-    def put(self, key: str, graph) -> None:
-        while len(self.entries) >= self.max_entries:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = graph
-
-
-CUDA_GRAPHS = CudaGraphs()
 
 
 class LadrPipeline:

@@ -25,7 +25,8 @@ import torch
 from conftest import requires_cuda
 from ladr_rt.config import ImageSpec, SamplerConfig, TokenLayout
 from ladr_rt.denoiser import EagerDenoiser
-from ladr_rt.pipeline import CudaGraphs, LadrPipeline
+from ladr_rt.graphs import CudaGraphs
+from ladr_rt.pipeline import LadrPipeline
 from ladr_rt.samplers import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import EagerDenoiser
+from ..graphs import CUDA_GRAPHS
 from .manifest import EngineError
 
 
@@ -34,8 +35,6 @@ class TorchGraphDenoiser(EagerDenoiser):
         if key != self._bound or self.graph is None:
             # The pipeline's capture code: warm-up and capture on one side stream, streams and
             # the half-made graph cleaned up when capture fails.
-            from ..pipeline import CUDA_GRAPHS
-
             self.graph = None
             try:
                 self.graph = CUDA_GRAPHS.capture(lambda: EagerDenoiser.__call__(self, input_ids, key_mask, out),
