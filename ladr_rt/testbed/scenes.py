@@ -222,13 +222,20 @@ def sample_scene(spec: Spec, rng: np.random.Generator, tries: int = 500) -> list
         for g, colour in zip(spec.groups, colours):
             placed.append([Placed(g.shape, colour, slots[k + i]) for i in range(g.count)])
             k += g.count
-        if len(placed) == 2 and spec.relation in POSITIONS:
-            ca = centroid([o.centre for o in placed[0]])
-            cb = centroid([o.centre for o in placed[1]])
-            if not relation_holds(spec.relation, ca, cb, margin=2.0):
-                continue
+        if not relation_placed(spec, placed):
+            continue
         return [o for objs in placed for o in objs]
     raise RuntimeError(f"could not place {spec.prompt!r} in the 3x3 slots")
+
+
+def relation_placed(spec: Spec, placed: list[list]) -> bool:
+    """A two-group scene that names a position has its groups' centroids that way round (with
+    a margin, so the scorer's reading is unambiguous); any other scene passes."""
+    if len(placed) == 2 and spec.relation in POSITIONS:
+        ca = centroid([o.centre for o in placed[0]])
+        cb = centroid([o.centre for o in placed[1]])
+        return relation_holds(spec.relation, ca, cb, margin=2.0)
+    return True
 
 
 def render(objects: list[Placed]) -> np.ndarray:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scenes import COLOURS, OBJ, POSITIONS, RGB, SHAPES, SLOT_ORIGINS, SLOTS, Spec, centroid, relation_holds
+from .scenes import COLOURS, OBJ, RGB, SHAPES, SLOT_ORIGINS, SLOTS, Spec, relation_placed
 
 GRID = 16  # token grid side (v2's; 24 is supported by the drawing code: ``grid=``)
 LAYOUTS = ("free", "slots")
@@ -254,11 +254,8 @@ def sample_scene(spec: Spec, rng: np.random.Generator, layout: str = "free", gri
         for g, colour in zip(spec.groups, colours):
             placed.append([Placed(g.shape, colour, *boxes[k + i]) for i in range(g.count)])
             k += g.count
-        if len(placed) == 2 and spec.relation in POSITIONS:
-            ca = centroid([o.centre for o in placed[0]])
-            cb = centroid([o.centre for o in placed[1]])
-            if not relation_holds(spec.relation, ca, cb, margin=2.0):
-                continue
+        if not relation_placed(spec, placed):
+            continue
         return [o for objs in placed for o in objs]
     raise RuntimeError(f"could not place {spec.prompt!r} ({layout} layout, grid {grid})")
 
