@@ -389,9 +389,8 @@ class LadrParams:
         ``--ladr`` options give) -> the paper's table with those keys replaced, validated.
         Keys are the field names; ``tau_refine=none``; ``delayed=true|false``."""
         texts = [text] if isinstance(text, str) else list(text)
-        if sampler not in LADR_SAMPLERS:
-            raise ValueError(f"--ladr sets the LADR phase table, but --sampler {sampler} does not use it; use "
-                             f"--sampler {' or '.join(LADR_SAMPLERS)}, or leave --ladr out")
+        if sampler not in LADR_SAMPLERS:  # even a table equal to the paper's: the user asked for one
+            raise _table_unused(sampler)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         keys = ", ".join(fields)
         kw: dict[str, Any] = {}
@@ -420,6 +419,11 @@ class LadrParams:
         p = cls(**kw)
         p.validate()
         return p
+
+
+def _table_unused(sampler: str) -> ValueError:
+    return ValueError(f"a LADR phase table (--ladr) was given, but --sampler {sampler} does not use it; use "
+                      f"--sampler {' or '.join(LADR_SAMPLERS)}, or leave --ladr out")
 
 
 def _ladr_unit(v: Any, key: str, what: str) -> None:
@@ -506,5 +510,9 @@ class SamplerConfig:
         self.ladr.validate()
         # A table the sampler would ignore is refused: a user who set one expects it to act.
         if self.name not in LADR_SAMPLERS and self.ladr != LadrParams():
-            raise ValueError(f"a LADR phase table (--ladr) was given, but --sampler {self.name} does not use it; use "
-                             f"--sampler {' or '.join(LADR_SAMPLERS)}, or leave --ladr out")
+            raise _table_unused(self.name)
+
+    def phase_table(self) -> dict | None:
+        """The LADR phase table this config runs, as a dict (traces, /health); None: the sampler
+        reads none."""
+        return dataclasses.asdict(self.ladr) if self.name in LADR_SAMPLERS else None

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import LADR_SAMPLERS, ImageSpec, ModelConfig, SamplerConfig, TokenLayout
+from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from .samplers import RunState, make_sampler
@@ -302,7 +301,7 @@ class LadrPipeline:
         trace = state.read_trace(evals)
         trace["cfg"] = sampler.cfg.cfg  # the guidance scale used (the model's when SamplerConfig.cfg is None)
         # the phase table that ran (ladr-delayed's delayed flag set), as `--ladr` takes it back; None: not LADR
-        trace["ladr"] = dataclasses.asdict(sampler.cfg.ladr) if sampler.cfg.name in LADR_SAMPLERS else None
+        trace["ladr"] = sampler.cfg.phase_table()
         trace["capture_seconds"] = capture_seconds  # 0.0 when the step graph was cached or not used
         return state.z.view(self.batch, h, w).clone(), trace, evals, seconds
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import dataclasses
 import hmac
 import io
 import json
@@ -33,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import LADR_SAMPLERS, MAX_SEED, MAX_STEPS
+from ..config import MAX_SEED, MAX_STEPS
 from ..tokens import PromptError, PromptTooLong
 from .scheduler import QueueFull, Scheduler, SchedulerClosed
 
@@ -356,9 +355,7 @@ def health_body(state: dict) -> dict:
     if problem is None:
         # the server's sampler and LADR phase table (one per server: `serve --ladr`), for a client
         # that wants to know which variant made its images
-        c = sched.cfg
-        return {"status": "ready", "sampler": c.name,
-                "ladr": dataclasses.asdict(c.ladr) if c.name in LADR_SAMPLERS else None}
+        return {"status": "ready", "sampler": sched.cfg.name, "ladr": sched.cfg.phase_table()}
     # A closed scheduler is a server going down; a dead loop would leave requests hanging.
     return {"status": "stopping"} if state["closing"] or sched.closed else {"status": "failed", "error": problem}
 
