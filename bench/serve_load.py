@@ -62,6 +62,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark's helpers, however this file is loaded
 from sampler_study import cpu_name, replace_section  # noqa: E402
 
+from ladr_rt.fileio import Interrupted, signals_unwind  # noqa: E402
+
 START, END = "<!-- serve-load:start -->", "<!-- serve-load:end -->"
 MiB = 1 << 20
 ROUTE = "/v1/images/generations"
@@ -606,13 +608,37 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.requests < 1 or args.rounds < 1 or any(b < 1 for b in args.batches) or args.warmup < 0:
         ap.error("--requests, --rounds and --batches must be positive, --warmup >= 0")
+    for flag, v in (("--clients", args.clients), ("--threads", args.threads), ("--rss-batch", args.rss_batch),
+                    ("--rss-chunk", args.rss_chunk), ("--size", args.size), ("--prompt-budget", args.prompt_budget)):
+        if v is not None and v < 1:  # 0 clients would time nothing; a 0 chunk would never end
+            ap.error(f"{flag} must be >= 1, got {v}")
+    if args.rss_requests < 0:
+        ap.error(f"--rss-requests must be >= 0 (0: skip the RSS check), got {args.rss_requests}")
+    for flag, v in (("--max-seconds", args.max_seconds), ("--start-timeout", args.start_timeout)):
+        if not v > 0:
+            ap.error(f"{flag} must be > 0 seconds, got {v}")
     return args
 
 
+class BenchInterrupted(Interrupted):
+    def __init__(self, signum: int):
+        super().__init__(signum, "serve_load")
+
+
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every started server is closed by the finally blocks.
+    try:
+        with signals_unwind(BenchInterrupted):
+            return _main(args)
+    except BenchInterrupted as e:
+        print(e.message("every server it started was stopped; no results were written"), file=sys.stderr)
+        raise
+
+
+def _main(args) -> dict:
     from ladr_rt.fileio import atomic_write_text
 
-    args = parse_args(argv)
     args.log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     m = machine(args.threads)
     args.log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average {m['load_average_at_start']}")

@@ -74,3 +74,11 @@ def test_serve_load_names_a_server_that_cannot_start(serve_load, tmp_path, capsy
     msg = str(e.value.code)
     assert msg.startswith("serve_load: ") and "did not become ready" in msg and "missing" in msg, msg
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("bad", [["--rss-chunk", "0"], ["--clients", "0"], ["--threads", "0"], ["--rss-requests", "-1"],
+                                 ["--max-seconds", "nan"], ["--start-timeout", "0"], ["--rounds", "0"]])
+def test_serve_load_refuses_bad_options_before_starting_a_server(serve_load, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_load.parse_args(bad)
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
