@@ -249,14 +249,17 @@ class LadrPipeline:
 
         return [Image.fromarray(a) for a in to_uint8(self.vq.decode(codes))]
 
-    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
+    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
+        """``on_step(sampler)``, if given, runs on the host after every step (the run-state then
+        holds that step's z, M, M_prev, P, delta, frontier and rescued): for diagnostics, not
+        for serving, since whatever it reads back costs a sync per step."""
         dev = self.denoiser.device
         # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
         # denoiser's device, also for cuda:N with N > 0.
         with self._lock, (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
-            return self._generate_codes(prompts, cfg, progress)
+            return self._generate_codes(prompts, cfg, progress, on_step)
 
-    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False):
+    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
         if self.owner is not None:
             raise RuntimeError("this pipeline's slots belong to a serve.Scheduler: submit the prompt to it, or close "
                                "the scheduler first")
@@ -287,6 +290,8 @@ class LadrPipeline:
         while evals < cfg.steps and state.keep_going():  # the one host read per step
             step()
             evals += 1
+            if on_step is not None:
+                on_step(sampler)
             if bar is not None:
                 bar.update(1)
         sync()

@@ -46,6 +46,11 @@ class RunState:
         self.rank = torch.empty(B, N, dtype=torch.long, **kw)  # [B, N] rank of each position
         self.arange = torch.arange(N, **kw).expand(B, N).contiguous()  # [B, N] 0..N-1
         self.M_prev = torch.empty(B, N, dtype=torch.bool, **kw)  # [B, N] mask before the step
+        # The last step's frontier C and rescued set (LADR; all False for other samplers), kept so
+        # a caller between steps (pipeline on_step: the sampler study's diagnostics) can see which
+        # route committed each token without the step reading anything back.
+        self.frontier = torch.zeros(B, N, dtype=torch.bool, **kw)  # [B, N]
+        self.rescued = torch.zeros(B, N, dtype=torch.bool, **kw)  # [B, N]
         self.step = torch.zeros(B, dtype=torch.long, **kw)  # [B] steps each slot has taken
         # A slot's own schedule, used where `own` is set (RunState.admit with steps and guidance);
         # elsewhere the sampler's batch config applies. Guidance is kept as the two float32
@@ -91,6 +96,8 @@ class RunState:
         self.done.fill_(False)
         self.own.fill_(False)
         self.n0.fill_(self.N)
+        self.frontier.fill_(False)
+        self.rescued.fill_(False)
         self.trace_masked.zero_()
         self.trace_masked[0].fill_(self.N)
         self.trace_rescued.zero_()
@@ -119,6 +126,8 @@ class RunState:
         self.nonfinite[b] = False
         self.done[b] = False
         self.n0[b] = self.N
+        self.frontier[b] = False
+        self.rescued[b] = False
         self.trace_masked[:, b].zero_()
         self.trace_masked[0, b] = self.N
         self.trace_rescued[:, b].zero_()
@@ -321,14 +330,14 @@ class LadrSampler(BaselineSampler):
         # 4. frontier C: masked positions with an unmasked 8-neighbour (dilation of ~M_std).
         unmasked = (~s.M).view(B, 1, H, W).float()
         near = F.max_pool2d(unmasked, p.kernel, stride=1, padding=p.kernel // 2).view(B, N) > 0
-        C = s.M & near
+        C = torch.logical_and(s.M, near, out=s.frontier)
         tau, alpha = phase_params(t_eff, p)  # [B], [B]
         V = C & (s.delta.double() > tau.unsqueeze(1))
         k = torch.minimum(torch.floor(C.sum(-1).double() * alpha).long(), V.sum(-1))  # [B]
         # rescue the k members of V with the largest margin (ties: lower index first)
         s.score.copy_(s.delta).masked_fill_(~V, -math.inf)
         rank = self.rank_ascending(s.score, descending=True)
-        rescued = V & (rank < k.unsqueeze(1))
+        rescued = torch.logical_and(V, rank < k.unsqueeze(1), out=s.rescued)
         s.M.logical_and_(~rescued)
         self._commit(rescued=rescued, t_eff=t_eff)
 

@@ -121,14 +121,33 @@ def test_ladr_step_equals_spec(temp, delayed, HW):
         if temp == 0:
             assert torch.equal(st.z_pred[0], l.argmax(-1))
         conf, delta, g2 = st.conf[0].tolist(), st.delta[0].tolist(), st.u2[0].tolist()
-        M_ref, rescued, t_eff = spec_ladr_step(M_prev, conf, delta, g2, temp, H, W, 20, p)
+        M_ref, rescued, t_eff, C = spec_ladr_step(M_prev, conf, delta, g2, temp, H, W, 20, p, with_frontier=True)
         phases_seen.add(0 if t_eff < 0.2 else 1 if t_eff < 0.7 else 2)
         assert st.M[0].tolist() == M_ref
         step = int(st.step) - 1
         assert st.trace_rescued[step, 0].item() == len(rescued)
+        # the step leaves its frontier and rescued set in the run-state (the study's diagnostics read them)
+        assert torch.nonzero(st.rescued[0]).flatten().tolist() == sorted(rescued)
+        assert torch.nonzero(st.frontier[0]).flatten().tolist() == sorted(C)
         if delayed and t_eff < 0.2:
             assert not rescued
     assert phases_seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", ["baseline", "prophet", "threshold"])
+def test_non_ladr_samplers_leave_rescued_and_frontier_empty(name):
+    """A run-state reused by another sampler (the pipeline keeps one per T) must not report the
+    previous LADR run's rescues: reset clears them and a non-LADR step never sets them."""
+    sampler, st = make("ladr", T=8)
+    g = torch.Generator().manual_seed(3)
+    while st.any_masked() and not st.rescued.any():
+        sampler.step(random_logits(g, 1, st.N, st.K, scale=6.0))
+    assert st.rescued.any()
+    st.reset(1)
+    assert not st.rescued.any() and not st.frontier.any()
+    other = make_sampler(SamplerConfig(name=name, steps=8, cfg=0.0, temperature=1.0), st)
+    run(other, st, lambda s: random_logits(g, 1, st.N, st.K, scale=6.0))
+    assert not st.rescued.any() and not st.frontier.any()
 
 
 def test_rescue_ties_go_to_the_lower_index():

@@ -202,25 +202,32 @@ def test_generate_defaults_to_the_shipped_model(tmp_path, monkeypatch):
     assert any(o.colour == "red" for o in objs) and any(o.colour == "blue" for o in objs)
 
 
-def test_sampler_study_writes_json_plot_and_table(tmp_path):
-    """bench/sampler_study.py end to end on a slice (LADR rows, one prompt per category, one seed):
-    the JSON has the rows and the chance references, the plot is a PNG, and only the text between
-    the markers of the results file is replaced."""
+def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
+    """bench/sampler_study.py end to end on a slice (LADR rows at T=64, one prompt per category,
+    one seed, the v2 testbed): the JSON has the rows, their diagnostics and the chance references,
+    the plot is a PNG, only the text between the markers of the results file is replaced, and the
+    last line printed is the JSON summary."""
     spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "sampler_study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# keep me\n\n{study.START}\nold table\n{study.END}\n\ntail\n")
-    study.main(["--only", "ladr", "--per-category", "1", "--seeds", "0", "--threads", "1", "--json",
-                str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"), "--results", str(results)])
+    study.main(["--testbeds", "v2", "--jobs", "1", "--only", "ladr", "baseline", "--steps", "64", "--per-category",
+                "1", "--seeds", "0", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                "--results", str(results)])
     report = json.loads((tmp_path / "s.json").read_text())
-    assert [r["label"] for r in report["results"]] == ["LADR T=32", "LADR T=64"]
-    assert all(r["images"] == 6 and 1 <= r["evaluations_mean"] <= r["T"] for r in report["results"])
-    assert report["settings"]["cfg"] == read_config(MODEL).default_cfg
-    assert report["reference"]["ground_truth"]["overall"] == 1.0
+    rows = report["testbeds"]["v2"]["results"]
+    assert [r["label"] for r in rows] == ["baseline T=64", "LADR T=64", "LADR refine w/ structure rules T=64",
+                                          "LADR refine-only T=64", "LADR tau x4 T=64", "LADR alpha x0.5 T=64"]
+    assert all(r["images"] == 6 and 1 <= r["evaluations_mean"] <= r["T"] for r in rows)
+    assert rows[0]["diagnostics"]["rescued_share"] == 0 and rows[1]["diagnostics"]["rescued_share"] > 0
+    assert report["testbeds"]["v2"]["cfg"] == read_config(MODEL).default_cfg
+    assert report["testbeds"]["v2"]["reference"]["ground_truth"]["overall"] == 1.0
     text = results.read_text()
     assert text.startswith("# keep me") and text.endswith("tail\n") and "old table" not in text
-    assert "| LADR T=64 |" in text and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| LADR T=64 |" in text and "| v2 | LADR T=64 |" in text and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["sampler_study"]["v2"]) == {r["label"] for r in rows}
 
 
 def _bench(script: str, *args: str) -> str:

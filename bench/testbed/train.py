@@ -68,6 +68,47 @@ def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None
             torch.nn.init.normal_(p, 0.0, 0.02, generator=gen)
 
 
+def v3_to_v2_code() -> np.ndarray:
+    """int64 [v3 codebook]: for each v3 code, the v2 code that stands for the same thing: a
+    background level -> v2's background, a colour's interior -> its full tile, a colour's rim of
+    coverage c -> its partial tile whose filled share is nearest c."""
+    from ladr_rt.testbed.scenes import CODES
+
+    colour2 = np.array([c for c, _ in CODES])
+    fill2 = np.array([bin(m).count("1") / 16 for _, m in CODES])
+    out = np.zeros(scenes_v3.CODEBOOK, np.int64)
+    for k in range(scenes_v3.CODEBOOK):
+        c = scenes_v3.CODE_COLOUR[k]
+        if c > 0:
+            same = np.flatnonzero(colour2 == c)
+            out[k] = same[np.argmin(np.abs(fill2[same] - scenes_v3.CODE_COVERAGE[k]))]
+    return out
+
+
+def warm_start(init: dict, own: dict, testbed: str, gen: torch.Generator) -> dict:
+    """``init`` (a checkpoint's state dict) shaped for this model. Same shapes: as is. A v2
+    checkpoint for a v3 model: every weight but the vocabulary rows as is, the text and special
+    rows as is (v3 keeps v2's text layout), and each v3 code's embedding and head row copied from
+    its v2 counterpart (``v3_to_v2_code``) plus noise of std 0.01, so the 48 background levels
+    start as v2's background, distinct, and the prompt-to-slot composition v2 learned carries over."""
+    if all(init[k].shape == v.shape for k, v in own.items() if k in init) and init.keys() == own.keys():
+        return init
+    v2, v3 = layout("v2"), layout(testbed)
+    if testbed == "v2" or v2.image_offset != v3.image_offset:
+        raise SystemExit("--init: the checkpoint's shapes differ from this model's, and only a v2 checkpoint can "
+                         "warm-start a v3 model")
+    src = torch.from_numpy(v2.image_offset + v3_to_v2_code())
+    out = {}
+    for k, v in own.items():
+        w = init[k]
+        if w.shape != v.shape:
+            if w.shape != (v2.image_offset + v2.codebook, v.shape[1]) or v.shape[0] != v3.image_offset + v3.codebook:
+                raise SystemExit(f"--init: {k} has shape {tuple(w.shape)}, expected a v2 checkpoint's vocabulary rows")
+            w = torch.cat([w[: v3.image_offset], w[src] + 0.01 * torch.randn(len(src), v.shape[1], generator=gen)])
+        out[k] = w
+    return out
+
+
 def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: float, gen: torch.Generator,
           p_relation: float = P_RELATION, p_colour_pair: float = P_COLOUR_PAIR, testbed: str = "v2",
           grid: int = GRID):
@@ -143,7 +184,7 @@ def main(argv=None) -> None:
     if args.init:
         from ladr_rt.checkpoint import load_state_dict
 
-        model.load_state_dict(load_state_dict(args.init))
+        model.load_state_dict(warm_start(load_state_dict(args.init), model.state_dict(), args.testbed, gen))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n)]
@@ -168,7 +209,8 @@ def main(argv=None) -> None:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
                 "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
-                "torch": torch.__version__, "seed": args.seed, "testbed": args.testbed,
+                "torch": torch.__version__, "seed": args.seed, "testbed": args.testbed, "init": args.init,
+                "lr": args.lr, "batch": args.batch, "p_relation": args.p_relation, "p_colour_pair": args.p_colour_pair,
                 "arch": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                          "mlp": cfg.mlp_hidden_size, "codebook": cfg.layout.codebook, "grid": args.grid}}
         if args.minutes is not None:

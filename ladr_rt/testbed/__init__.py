@@ -8,14 +8,40 @@ from .scenes import CATEGORIES, COLOURS, SHAPES, Group, Spec, eval_items, parse_
 from .scorer import find_objects, passes, score
 
 __all__ = ["CATEGORIES", "COLOURS", "SHAPES", "Group", "Spec", "eval_items", "parse_prompt", "find_objects",
-           "passes", "score", "model_dir", "layout", "tokenizer", "palette", "palette_v3", "TESTBEDS"]
+           "passes", "score", "model_dir", "layout", "tokenizer", "palette", "palette_v3", "TESTBEDS", "scorer_for",
+           "testbed_of"]
 
 TESTBEDS = ("v2", "v3", "v3-slots")  # v2: the shipped model's data; v3: scenes_v3 free layout; v3-slots: its control
 
 
-def model_dir() -> Path:
-    """The checkpoint shipped inside the package (the default model of ``ladr-rt generate``)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "testbed"
+def model_dir(testbed: str = "v2") -> Path:
+    """A checkpoint shipped inside the package: ``v2`` (the default model of ``ladr-rt generate``)
+    or ``v3`` (testbed v3, trained on the ``v3-slots`` scenes)."""
+    if testbed not in ("v2", "v3"):
+        raise ValueError(f"no shipped testbed model {testbed!r}; choose v2 or v3")
+    return Path(__file__).resolve().parent.parent / "assets" / ("testbed" if testbed == "v2" else "testbed_v3")
+
+
+def testbed_of(model: Path | str) -> str:
+    """"v2" or "v3": whose codebook a testbed checkpoint's config.json declares (both v3 layouts
+    share one codebook and one scorer)."""
+    import json
+
+    from . import scenes, scenes_v3
+
+    codebook = json.loads((Path(model) / "config.json").read_text())["ladr_layout"]["codebook"]
+    kinds = {scenes.CODEBOOK: "v2", scenes_v3.CODEBOOK: "v3"}
+    if codebook not in kinds:
+        raise ValueError(f"{model}: a codebook of {codebook} codes is no testbed's (v2: {scenes.CODEBOOK}, "
+                         f"v3: {scenes_v3.CODEBOOK})")
+    return kinds[codebook]
+
+
+def scorer_for(testbed: str):
+    """(specs, grids) -> score dict: v2's scorer, or scorer v3 (which adds coherence and continuity)."""
+    from . import scorer_v3
+
+    return score if testbed == "v2" else scorer_v3.score
 
 
 def tokenizer():

@@ -72,7 +72,9 @@ def mosaics(grid: np.ndarray) -> int:
                for cells in components(colour > 0))
 
 
-def background_continuity(grid: np.ndarray) -> float:
+def _continuity_maps(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bool [H, W] twice: background tokens with a background 4-neighbour, and those of them
+    with a background 4-neighbour more than MAX_STEP levels away (a break in the field)."""
     grid = np.asarray(grid)
     bg = CODE_KIND[grid] == KIND_BG
     level = CODE_LEVEL[grid].astype(np.int64)
@@ -89,8 +91,34 @@ def background_continuity(grid: np.ndarray) -> float:
         pair = bg & nb
         has_nb |= pair
         smooth &= ~pair | (diff <= MAX_STEP)
-    n = int((bg & has_nb).sum())
-    return 1.0 if n == 0 else float((smooth & has_nb).sum()) / n
+    return bg & has_nb, bg & has_nb & ~smooth
+
+
+def background_breaks(grid: np.ndarray) -> np.ndarray:
+    """bool [H, W]: background tokens that break the field's smoothness (drawn scenes: none)."""
+    return _continuity_maps(grid)[1]
+
+
+def background_continuity(grid: np.ndarray) -> float:
+    counted, breaks = _continuity_maps(grid)
+    n = int(counted.sum())
+    return 1.0 if n == 0 else 1.0 - float(breaks.sum()) / n
+
+
+def incoherent_tokens(grid: np.ndarray, code_colour: np.ndarray = CODE_COLOUR, min_size: int = MIN_OBJECT) -> np.ndarray:
+    """bool [H, W]: object tokens that are speckle (their 4-connected foreground component has
+    fewer than ``min_size`` tokens) or off-colour (not the component's majority colour): the
+    tokens a mosaic or speckle consists of. Drawn scenes have none. ``code_colour`` and
+    ``min_size`` default to v3's; v2's are scenes.CODE_COLOUR and scorer.MIN_CELLS."""
+    colour = code_colour[np.asarray(grid)]
+    out = np.zeros(colour.shape, bool)
+    for cells in components(colour > 0):
+        cc = colour[cells[:, 0], cells[:, 1]]
+        if len(cells) < min_size:
+            out[cells[:, 0], cells[:, 1]] = True
+        else:
+            out[cells[:, 0], cells[:, 1]] = cc != np.bincount(cc).argmax()
+    return out
 
 
 def passes_v3(spec: Spec | str, grid: np.ndarray) -> bool:
@@ -114,5 +142,5 @@ def score(specs: list[Spec], grids) -> dict:
             "continuity": float(np.mean(cont)) if cont else 0.0, "mosaics": float(np.mean(mos)) if mos else 0.0}
 
 
-__all__ = ["find_objects", "classify", "colour_coherence", "mosaics", "background_continuity", "passes_v3", "score",
-           "SHAPES"]
+__all__ = ["find_objects", "classify", "colour_coherence", "mosaics", "background_continuity", "background_breaks",
+           "incoherent_tokens", "passes_v3", "score", "SHAPES"]
