@@ -43,7 +43,7 @@ CONFIGS = ([(f"baseline T={T}", "baseline", T, None) for T in BASELINE_T] +
             for T in (32, 64)] +
            [("LADR refine w/ structure rules T=64", "ladr", 64, "tau_refine=0.05,alpha_refine=0.3"),
             ("LADR refine-only T=64", "ladr", 64, "alpha_explore=0,alpha_structure=0"),
-            ("LADR tau x4 T=64", "ladr", 64, "tau_explore=0.2,tau_structure=0.2,tau_refine=0.2"),
+            ("LADR tau 0.2 all phases T=64", "ladr", 64, "tau_explore=0.2,tau_structure=0.2,tau_refine=0.2"),
             ("LADR alpha x0.5 T=64", "ladr", 64, "alpha_explore=0.05,alpha_structure=0.15,alpha_refine=0.5")])
 TESTBED_NAMES = {"v2": "v2 (flat background, slots)", "v3": "v3 (textured background, slots)"}
 START, END = "<!-- sampler-study:start -->", "<!-- sampler-study:end -->"
@@ -218,7 +218,8 @@ def score_table(tb: str, rep: dict) -> str:
 
 
 DIAG_ROWS = ("baseline T=64", "baseline T=12", "LADR T=64", "LADR-delayed T=64", "LADR refine w/ structure rules T=64",
-             "LADR refine-only T=64", "LADR tau x4 T=64", "LADR alpha x0.5 T=64", "threshold 0.9 T=64")
+             "LADR refine-only T=64", "LADR tau 0.2 all phases T=64", "LADR alpha x0.5 T=64",
+             "threshold 0.9 T=64")
 
 
 def diagnostics_table(report: dict) -> str:
@@ -291,12 +292,19 @@ def plot(report: dict, path: Path) -> None:
         if base:
             ax.plot([r["evaluations_mean"] for r in base], [100 * r["overall"] for r in base], "-", color="tab:gray",
                     lw=1, zorder=1, label="baseline (equal-cost curve)")
+        others = 0
         for r in rep["results"]:
             c = "tab:purple" if r["ladr"] else colours.get(r["sampler"], "k")
             ax.errorbar(r["evaluations_mean"], 100 * r["overall"], yerr=100 * r["overall_se"], fmt="o", ms=4,
                         color=c, zorder=2, lw=0.8)
-            ax.annotate(r["label"], (r["evaluations_mean"], 100 * r["overall"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")
+            if r["sampler"] == "baseline":
+                ax.annotate(f"T={r['T']}", (r["evaluations_mean"], 100 * r["overall"]), fontsize=6,
+                            xytext=(2, -9), textcoords="offset points", color="tab:gray")
+            else:  # LADR's points crowd around 10-20 evaluations: stagger their labels
+                ax.annotate(r["label"], (r["evaluations_mean"], 100 * r["overall"]), fontsize=6, color=c,
+                            xytext=(6, 10 * (others % 4) - 12), textcoords="offset points",
+                            arrowprops=dict(arrowstyle="-", lw=0.3, color=c))
+                others += 1
         ch = 100 * rep["reference"]["other_prompt"]["overall"]
         ax.axhline(ch, ls=":", color="k", lw=1)
         ax.text(1.05, ch + 0.5, "chance (other prompt)", fontsize=7)

@@ -218,7 +218,8 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
     report = json.loads((tmp_path / "s.json").read_text())
     rows = report["testbeds"]["v2"]["results"]
     assert [r["label"] for r in rows] == ["baseline T=64", "LADR T=64", "LADR refine w/ structure rules T=64",
-                                          "LADR refine-only T=64", "LADR tau x4 T=64", "LADR alpha x0.5 T=64"]
+                                          "LADR refine-only T=64", "LADR tau 0.2 all phases T=64",
+                                          "LADR alpha x0.5 T=64"]
     assert all(r["images"] == 6 and 1 <= r["evaluations_mean"] <= r["T"] for r in rows)
     assert rows[0]["diagnostics"]["rescued_share"] == 0 and rows[1]["diagnostics"]["rescued_share"] > 0
     assert report["testbeds"]["v2"]["cfg"] == read_config(MODEL).default_cfg

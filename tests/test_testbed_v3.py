@@ -263,3 +263,51 @@ def test_train_script_trains_v3_within_a_minutes_budget(tmp_path):
     seq = SequenceLayout(ImageSpec(256, 256, train.PROMPT_BUDGET), testbed.layout("v3"))
     _, _, codes, _ = train.batch(rng, testbed.tokenizer(), seq, 4, 0.0, gen, testbed="v3")
     assert codes.max() < v3.CODEBOOK and (v3.CODE_KIND[codes.numpy()] == v3.KIND_RIM).any()
+
+
+# ------------------------------------------------------------------ the shipped v3 model
+
+V3_MODEL = testbed.model_dir("v3")
+
+
+def test_shipped_v3_model_is_small_recorded_and_v3():
+    import json
+
+    from ladr_rt.checkpoint import read_config
+
+    files = [p for p in V3_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2 ** 20
+    assert testbed.testbed_of(V3_MODEL) == "v3" and testbed.testbed_of(testbed.model_dir()) == "v2"
+    cfg = read_config(V3_MODEL)
+    assert cfg.layout.codebook == v3.CODEBOOK and cfg.default_size == (256, 256)
+    info = json.loads((V3_MODEL / "training.json").read_text())
+    assert info["testbed"] == "v3-slots" and info["steps"] > 0 and info["seconds"] <= 80 * 60
+    assert "warm start" in (V3_MODEL / "TRAINING.md").read_text()
+
+
+def test_shipped_v3_model_draws_held_out_prompts():
+    """The 64-step baseline on 24 held-out prompts (4 per category) at the model's cfg, scored by
+    scorer v3: every category passes at least once and the overall score is far above the
+    prompt-blind chance row of bench/RESULTS.md; objects are mostly coherent."""
+    from ladr_rt.pipeline import LadrPipeline
+    from ladr_rt.testbed.evaluate import evaluate
+
+    pipe = LadrPipeline.from_pretrained(V3_MODEL, 256, 256, 24)
+    ev = evaluate(pipe, eval_items(4), (0,), "v3", name="baseline", steps=64)
+    res = ev.score
+    assert res["overall"] >= 0.4, res
+    assert all(v > 0 for v in res["categories"].values()), res
+    assert res["coherence"] > 0.8 and res["continuity"] > 0.9, res
+
+
+def test_generate_runs_the_v3_model(tmp_path):
+    from click.testing import CliRunner
+
+    from ladr_rt.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "--model", str(V3_MODEL), "--prompt", "a red circle", "--out",
+                                  str(tmp_path / "v3.png"), "--save-tokens", str(tmp_path / "c.npy"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    codes = np.load(tmp_path / "c.npy")
+    assert codes.shape == (16, 16) and codes.max() < v3.CODEBOOK
+    assert any(o.colour == "red" for o in find_objects(codes))

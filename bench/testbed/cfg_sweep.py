@@ -2,6 +2,7 @@
 ``ladr_default_cfg`` (config.json).
 
     python bench/testbed/cfg_sweep.py --model ladr_rt/assets/testbed   # ~8 min on 2 idle cores
+    python bench/testbed/cfg_sweep.py --model ladr_rt/assets/testbed_v3   # v3: scored by scorer v3
 
 Per scale: the 64-step baseline (the issue's acceptance sampler) and LADR at T=64 (the
 ``generate`` default) over 8 held-out prompts per category, seed 0, temperature 1; one
@@ -26,13 +27,13 @@ def _one(job) -> dict:
     import torch
 
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import eval_items
+    from ladr_rt.testbed import eval_items, testbed_of
     from ladr_rt.testbed.evaluate import evaluate
 
     model, size, budget, per, cfg, name, T = job
     torch.set_num_threads(1)
     pipe = LadrPipeline.from_pretrained(model, size, size, budget)
-    ev = evaluate(pipe, eval_items(per), (0,), name=name, steps=T, cfg=cfg, temperature=1.0)
+    ev = evaluate(pipe, eval_items(per), (0,), testbed_of(model), name=name, steps=T, cfg=cfg, temperature=1.0)
     sc = ev.score
     return {"cfg": cfg, "sampler": name, "T": T, "overall": sc["overall"], "categories": sc["categories"],
             "evaluations_mean": float(np.mean(ev.evaluations)), "images": len(ev.grids)}

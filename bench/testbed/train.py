@@ -271,6 +271,9 @@ def training_md(info: dict) -> str:
         f"token grid ({a['grid'] * 16}x{a['grid'] * 16} px). Data: {DATA[info.get('testbed', 'v2')]} (held-out "
         "prompts never drawn).\n\n"
         f"- command (from the repository root): `{info['command']}`\n"
+        + (f"- warm start: every weight from `{info['init']}` (`train.warm_start`; a v2 checkpoint's code rows "
+           "mapped onto v3's codes by `v3_to_v2_code`), so this model's cost includes that checkpoint's training\n"
+           if info.get("init") else "") +
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
         f"{info['final_loss_last100']}\n"
