@@ -348,7 +348,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbeds", nargs="+", choices=("v2", "v3"), default=["v2", "v3"])
     ap.add_argument("--model", default=None, help="checkpoint directory, with one --testbeds [default: the shipped one]")
-    ap.add_argument("--per-category", type=int, default=8, help="held-out prompts per category (cycled)")
+    ap.add_argument("--per-category", type=int, default=4, help="held-out prompts per category (cycled)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--only", nargs="*", default=None, help="run only these samplers")
     ap.add_argument("--steps", type=int, nargs="*", default=None, help="run only rows with these T")
