@@ -99,19 +99,47 @@ def equal_cost(curve: list[tuple[float, float]], evals: float) -> float | None:
     return float(np.interp(evals, xs, ys))
 
 
+def selected(args) -> list:
+    """The CONFIGS rows that --only and --steps keep."""
+    return [c for c in CONFIGS if (not args.only or c[1] in args.only) and (not args.steps or c[2] in args.steps)]
+
+
+def check(args, ap) -> None:
+    """Every bad option or model is one line before anything runs or any output is replaced."""
+    from ladr_rt.checkpoint import CheckpointError
+    from ladr_rt.testbed import model_dir, testbed_of
+
+    for flag, v in (("--batch", args.batch), ("--per-category", args.per_category), ("--threads", args.threads),
+                    ("--jobs", args.jobs)):
+        if v < 1:
+            ap.error(f"{flag} must be at least 1, got {v}")
+    if any(not 0 <= sd < 2 ** 40 for sd in args.seeds):  # image k of seed s is sampled with 1000 s + k
+        ap.error(f"--seeds must lie between 0 and 2**40, got {args.seeds}")
+    if not selected(args):
+        ap.error(f"no study row has sampler {' or '.join(args.only or ['any'])} and T "
+                 f"{' or '.join(map(str, args.steps or ['any']))}; samplers: "
+                 f"{', '.join(sorted({c[1] for c in CONFIGS}))}; T: {', '.join(str(t) for t in sorted({c[2] for c in CONFIGS}))}")
+    for tb in args.testbeds:
+        mdir = Path(args.model or model_dir(tb))
+        try:
+            kind = testbed_of(mdir)
+        except (CheckpointError, ValueError) as e:
+            ap.error(f"--model: {e}")
+        if kind != tb:
+            ap.error(f"--model {mdir} is a {kind} testbed model, not {tb}: pass --testbeds {kind}")
+
+
 def run_testbed(testbed: str, args) -> dict:
     from ladr_rt.config import LadrParams, SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import eval_items, model_dir, testbed_of
+    from ladr_rt.testbed import eval_items, model_dir
     from ladr_rt.testbed.diagnostics import Probe
     from ladr_rt.testbed.evaluate import evaluate
 
     mdir = Path(args.model or model_dir(testbed))
-    if testbed_of(mdir) != testbed:
-        raise SystemExit(f"{mdir} is a {testbed_of(mdir)} testbed model, not {testbed}")
     pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget, batch=args.batch)
     items = eval_items(args.per_category)
-    configs = [c for c in CONFIGS if (not args.only or c[1] in args.only) and (not args.steps or c[2] in args.steps)]
+    configs = selected(args)
     results, used_cfg = [], args.cfg
     pipe.generate_codes([items[0].prompt] * args.batch, SamplerConfig(steps=8, cfg=args.cfg))  # warm-up
     for label, name, T, table in configs:
@@ -145,6 +173,12 @@ def run_testbed(testbed: str, args) -> dict:
             "results": results}
 
 
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _job(job) -> dict:
     testbed, args = job
     torch.set_num_threads(args.threads)
@@ -159,7 +193,8 @@ def run(args) -> dict:
     if args.jobs > 1 and len(jobs) > 1:  # one process per testbed: small models scale better so than by threads
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+        # Workers ignore Ctrl-C: the parent takes it and the pool's exit terminates them quietly.
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs)), _ignore_sigint) as pool:
             testbeds = dict(zip(args.testbeds, pool.map(_job, jobs, chunksize=1)))
     else:
         testbeds = {tb: _job(j) for tb, j in zip(args.testbeds, jobs)}
@@ -367,14 +402,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.model and len(args.testbeds) != 1:
         ap.error("--model needs exactly one --testbeds (whose scorer judges it)")
-    for flag, v in (("--batch", args.batch), ("--per-category", args.per_category), ("--threads", args.threads),
-                    ("--jobs", args.jobs)):
-        if v < 1:
-            ap.error(f"{flag} must be at least 1, got {v}")
     if args.replot:  # redraw the plot and table from a finished run's JSON, without re-running it
-        report = json.loads(Path(args.json).read_text())
+        try:
+            report = json.loads(Path(args.json).read_text())
+            report["testbeds"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--replot: {args.json} is not a sampler study's JSON ({type(e).__name__}: {e}); run the study "
+                     "without --replot to make one")
     else:
-        report = run(args)
+        check(args, ap)
+        try:
+            report = run(args)
+        except KeyboardInterrupt:  # the pool's workers end with it; nothing was written yet
+            print("sampler_study: interrupted; no output written", file=sys.stderr)
+            raise SystemExit(130)
         atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
     plot(report, Path(args.plot))
     update_results(report, Path(args.results))

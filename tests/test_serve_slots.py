@@ -7,10 +7,9 @@ run on hand-built logits; pipeline and scheduler checks on the tiny checkpoint a
 """
 from __future__ import annotations
 
-import time
-
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch

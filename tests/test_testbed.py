@@ -231,6 +231,35 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
     assert set(last["sampler_study"]["v2"]) == {r["label"] for r in rows}
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--testbeds", "v3", "--model", "/nonexistent"], "does not exist"),
+    (["--testbeds", "v3", "--model", str(MODEL)], "is a v2 testbed model, not v3"),
+    (["--only", "nonsense"], "no study row has sampler nonsense"),
+    (["--steps", "99"], "no study row"),
+    (["--seeds", "-5"], "--seeds must lie between"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--model", str(MODEL)], "exactly one --testbeds"),
+    (["--replot", "--json", "/nonexistent.json"], "is not a sampler study's JSON"),
+])
+def test_sampler_study_refuses_bad_options_in_one_line(tmp_path, args, says):
+    """Bad options or models are one line and exit 2 before anything runs, and the results file
+    a user keeps is not replaced by an empty table."""
+    import subprocess
+    import sys
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("mine\n")
+    out = ["--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"), "--results", str(results)]
+    if "--json" in args:
+        out = out[2:]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sampler_study.py"), *args, *out], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert says in lines[-1] and "Traceback" not in r.stderr
+    assert results.read_text() == "mine\n" and not (tmp_path / "s.png").exists()
+
+
 def _bench(script: str, *args: str) -> str:
     import subprocess
     import sys

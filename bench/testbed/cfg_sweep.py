@@ -53,6 +53,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the rows here [default: print only]")
     args = ap.parse_args(argv)
     model = str(args.model or model_dir())
+    from ladr_rt.checkpoint import CheckpointError
+    from ladr_rt.testbed import testbed_of
+
+    try:
+        testbed_of(model)  # a testbed's checkpoint: its scorer is known (one line here, not a worker traceback)
+    except (CheckpointError, ValueError) as e:
+        ap.error(f"--model: {e}")
     jobs = [(model, args.size, args.prompt_budget, args.per_category, c, n, T) for c in args.cfgs for n, T in SAMPLERS]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(_one, jobs, chunksize=1)

@@ -91,8 +91,12 @@ def warm_start(init: dict, own: dict, testbed: str, gen: torch.Generator) -> dic
     rows as is (v3 keeps v2's text layout), and each v3 code's embedding and head row copied from
     its v2 counterpart (``v3_to_v2_code``) plus noise of std 0.01, so the 48 background levels
     start as v2's background, distinct, and the prompt-to-slot composition v2 learned carries over."""
-    if all(init[k].shape == v.shape for k, v in own.items() if k in init) and init.keys() == own.keys():
+    if init.keys() == own.keys() and all(init[k].shape == v.shape for k, v in own.items()):
         return init
+    if init.keys() != own.keys():
+        raise SystemExit(f"--init: the checkpoint's weights are not this architecture's (missing "
+                         f"{sorted(own.keys() - init.keys())[:3]}, extra {sorted(init.keys() - own.keys())[:3]}): pass "
+                         "the same --d-model/--layers/--heads/--mlp it was trained with")
     v2, v3 = layout("v2"), layout(testbed)
     if testbed == "v2" or v2.image_offset != v3.image_offset:
         raise SystemExit("--init: the checkpoint's shapes differ from this model's, and only a v2 checkpoint can "
@@ -182,9 +186,13 @@ def main(argv=None) -> None:
     model = DimooModel(cfg)
     init_weights(model, args.layers, gen)
     if args.init:
-        from ladr_rt.checkpoint import load_state_dict
+        from ladr_rt.checkpoint import CheckpointError, load_state_dict
 
-        model.load_state_dict(warm_start(load_state_dict(args.init), model.state_dict(), args.testbed, gen))
+        try:
+            init = load_state_dict(args.init)
+        except CheckpointError as e:
+            raise SystemExit(f"--init: {e}") from None
+        model.load_state_dict(warm_start(init, model.state_dict(), args.testbed, gen))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n)]

@@ -25,11 +25,10 @@ def model_dir(testbed: str = "v2") -> Path:
 def testbed_of(model: Path | str) -> str:
     """"v2" or "v3": whose codebook a testbed checkpoint's config.json declares (both v3 layouts
     share one codebook and one scorer)."""
-    import json
-
+    from ..checkpoint import read_config
     from . import scenes, scenes_v3
 
-    codebook = json.loads((Path(model) / "config.json").read_text())["ladr_layout"]["codebook"]
+    codebook = read_config(model).layout.codebook
     kinds = {scenes.CODEBOOK: "v2", scenes_v3.CODEBOOK: "v3"}
     if codebook not in kinds:
         raise ValueError(f"{model}: a codebook of {codebook} codes is no testbed's (v2: {scenes.CODEBOOK}, "

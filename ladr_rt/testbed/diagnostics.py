@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import LadrParams
+from ..schedule import gamma_inv
 from . import scenes, scenes_v3, scorer, scorer_v3
 from .scorer import components
 
@@ -82,13 +83,13 @@ class Probe:
 
     def __call__(self, sampler) -> None:
         s = sampler.s
-        M_prev, M = s.M_prev.cpu().numpy(), s.M.cpu().numpy()  # [B, N]
+        newly_t = s.M_prev & ~s.M  # [B, N] committed by this step
+        M_prev, M, newly = s.M_prev.cpu().numpy(), s.M.cpu().numpy(), newly_t.cpu().numpy()
         N = M.shape[1]
-        newly = M_prev & ~M
-        t_eff = np.arccos(M_prev.sum(1) / N) * (2 / np.pi)  # [B] the step's own t_eff (before it)
+        t_eff = gamma_inv(s.M_prev.sum(-1).double() / N).cpu().numpy()  # [B] the step's own t_eff (before it)
         phase = self._phase(t_eff)
         # entropy and margin of the distributions the committed tokens were drawn from, only theirs
-        P_new = s.P[torch.from_numpy(newly).to(s.P.device)]  # [n, K]
+        P_new = s.P[newly_t]  # [n, K]
         ent = -(P_new * torch.log(P_new.clamp_min(1e-30))).sum(-1).cpu().numpy()  # [n] nats
         top2 = torch.topk(P_new, 2, dim=-1).values
         margin = (top2[:, 0] - top2[:, 1]).cpu().numpy()  # [n]
@@ -103,12 +104,12 @@ class Probe:
             delta = s.delta.cpu().numpy()
             for b in np.flatnonzero(C.any(1)):
                 self.frontier[PHASES[phase[b]]].append(delta[b][C[b]])
-        after = np.arccos(M.sum(1) / N) * (2 / np.pi) >= self.p.refine_from  # [B] at the bound now
+        after = gamma_inv(s.M.sum(-1).double() / N).cpu().numpy() >= self.p.refine_from  # [B] at the bound now
         for b in np.flatnonzero(after & ~self.seen_bound & M_prev.any(1)):
             self.M_bound[b], self.z_bound[b] = M[b], s.z[b].cpu().numpy()
             self.seen_bound[b] = True
 
-    def end(self, grids: np.ndarray, prompts: list[str]) -> None:
+    def end(self, grids: np.ndarray) -> None:
         """``grids`` [n, H, W]: the call's first n rows are real images (the rest were padding)."""
         for b, grid in enumerate(grids):
             flat = grid.ravel()

@@ -48,7 +48,7 @@ def evaluate(pipe, items: list[Spec], seeds=(0,), testbed: str = "v2", probe=Non
             steps = pipe.state.step.tolist()  # [B] each row's own evaluations
             grids = codes.cpu().numpy()
             if probe is not None:
-                probe.end(grids[: len(chunk)], [sp.prompt for sp in chunk])
+                probe.end(grids[: len(chunk)])
             out.calls.append(sec)
             for b, sp in enumerate(chunk):
                 out.specs.append(sp)
