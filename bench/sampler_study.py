@@ -1,6 +1,6 @@
 """Sampler study on the shipped testbed models (v2 and v3): score vs model evaluations, and why.
 
-    python bench/sampler_study.py            # both testbeds side by side; ~15 min on 2 idle CPU cores
+    python bench/sampler_study.py            # both testbeds side by side; ~20 min on 2 CPU cores (v3 is the longer half)
 
 Every configuration runs the same held-out prompts (``ladr_rt.testbed.eval_items``) with the same
 seeds (image k of seed s: sampler seed 1000 s + k, so a batched row is its batch-1 run), eager
