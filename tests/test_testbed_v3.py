@@ -313,3 +313,31 @@ def test_generate_runs_the_v3_model(tmp_path):
     codes = np.load(tmp_path / "c.npy")
     assert codes.shape == (16, 16) and codes.max() < v3.CODEBOOK
     assert any(o.colour == "red" for o in find_objects(codes))
+
+
+def test_group_loss_scores_the_class_marginal_and_leaves_the_optimum():
+    """train.py --group-loss: -log P(target's class), P summed over the class's codes. It ignores
+    how probability is split inside a class (so the level/shade/bucket stay the plain loss's
+    business), equals the plain loss when every code is its own class, and is 0 with one class."""
+    from test_testbed import load_train_module
+
+    train = load_train_module()
+    g = train.code_groups("v3")
+    assert g.shape == (v3.CODEBOOK,) and len(g.unique()) == 1 + len(COLOURS) * 4
+    assert (g[torch.from_numpy(v3.CODE_KIND == v3.KIND_BG)] == 0).all()
+    inter = torch.from_numpy(v3.CODE_KIND == v3.KIND_INTERIOR)
+    assert len(g[inter].unique()) == len(COLOURS) and (g[inter] > 0).all()  # shades of one colour: one class
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, v3.CODEBOOK, generator=gen)
+    target = torch.randint(0, v3.CODEBOOK, (7,), generator=gen)
+    target[0] = 1  # a background level whose probability moves below
+    ident = torch.arange(v3.CODEBOOK)
+    assert torch.allclose(train.group_nll(logits, target, ident), torch.nn.functional.cross_entropy(logits, target))
+    assert train.group_nll(logits, target, torch.zeros_like(ident)).abs() < 1e-6
+    # move probability between two background levels: the class marginal, hence the loss, is unchanged
+    p = torch.softmax(logits, -1)
+    q = p.clone()
+    q[:, 0], q[:, 1] = p[:, 0] + p[:, 1] * 0.9, p[:, 1] * 0.1
+    assert torch.allclose(train.group_nll(q.log(), target, g), train.group_nll(logits, target, g), atol=1e-5)
+    assert not torch.allclose(torch.nn.functional.cross_entropy(q.log(), target),
+                              torch.nn.functional.cross_entropy(logits, target))

@@ -56,6 +56,29 @@ def draw(spec, rng: np.random.Generator, testbed: str = "v2", grid: int = GRID) 
     return scenes_v3.draw(spec, rng, "slots" if testbed == "v3-slots" else "free", grid)
 
 
+def code_groups(testbed: str) -> torch.Tensor:
+    """int64 [codebook]: each code's semantic class for ``--group-loss``: 0 background, else
+    (colour, coverage class). v2 codes group by colour; v3 codes by colour and interior / rim
+    coverage, so the background level, the shade and the bucket under a rim fall out of it."""
+    from ladr_rt.testbed import scenes
+
+    if testbed == "v2":
+        return torch.from_numpy(scenes.CODE_COLOUR.astype(np.int64))
+    cov = np.searchsorted(np.array(scenes_v3.COVERAGES + (1.0,)), scenes_v3.CODE_COVERAGE)  # 0..3 for objects
+    g = np.where(scenes_v3.CODE_COLOUR > 0, 1 + (scenes_v3.CODE_COLOUR - 1) * 4 + cov, 0)
+    return torch.from_numpy(g.astype(np.int64))
+
+
+def group_nll(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean -log P(the target code's class) with P(class) the sum of its codes' probabilities.
+    A proper scoring rule of the class marginal, so adding it leaves the per-code optimum (the
+    true conditional) where it was; what it changes is the gradient's make-up: the background
+    level's irreducible ~1 nat per token no longer drowns which slot holds what colour and shape."""
+    lp = torch.log_softmax(logits.float(), -1)  # [M, K]
+    same = groups[None, :] == groups[target][:, None]  # [M, K] codes in each target's class
+    return -torch.logsumexp(lp.masked_fill(~same, float("-inf")), -1).mean()
+
+
 def init_weights(model: DimooModel, n_layers: int, gen: torch.Generator) -> None:
     # GPT-2-style: small normal init, residual output projections scaled by depth so the
     # residual stream starts near the embedding.
@@ -151,6 +174,9 @@ def main(argv=None) -> None:
                     help="chance that each group of a two-group scene names its colour (both named: its "
                          "square); more named pairs give more examples binding each colour word to its shape")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group-loss", type=float, default=0.0,
+                    help="weight of an extra cross-entropy on each masked token's class (background, or colour x "
+                         "coverage; code_groups): pushes capacity to layout and binding over background texture")
     ap.add_argument("--testbed", choices=TESTBEDS, default="v2",
                     help="training data: v2 (the shipped model's), v3 (scenes_v3, free placement) or v3-slots "
                          "(scenes_v3 in v2's slots: issue 16's cheap control)")
@@ -218,7 +244,7 @@ def main(argv=None) -> None:
         info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
                 "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
                 "torch": torch.__version__, "seed": args.seed, "testbed": args.testbed, "init": args.init,
-                "lr": args.lr, "batch": args.batch, "p_relation": args.p_relation, "p_colour_pair": args.p_colour_pair,
+                "lr": args.lr, "batch": args.batch, "group_loss": args.group_loss, "p_relation": args.p_relation, "p_colour_pair": args.p_colour_pair,
                 "arch": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                          "mlp": cfg.mlp_hidden_size, "codebook": cfg.layout.codebook, "grid": args.grid}}
         if args.minutes is not None:
@@ -227,6 +253,7 @@ def main(argv=None) -> None:
         save_checkpoint(args.out, cfg, sd, tok, vq=vq, extra_files={
             "TRAINING.md": training_md(info), "training.json": json.dumps(info, indent=1) + "\n"})
 
+    groups = code_groups(args.testbed)  # [codebook]
     model.train()
     forward = torch.compile(model) if args.compile else model  # same parameters; saving reads `model`
     done = args.steps
@@ -241,12 +268,13 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = forward(ids, key_mask, image_positions=seq.image_positions)  # [B, N, K]
-        loss = F.cross_entropy(logits[masked].float(), codes[masked])
+        ce = F.cross_entropy(logits[masked].float(), codes[masked])  # the logged loss: comparable across runs
+        loss = ce + args.group_loss * group_nll(logits[masked], codes[masked], groups) if args.group_loss else ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        recent.append(loss.item())
+        recent.append(ce.item())
         if step % 25 == 0 or step == args.steps - 1:
             rec = {"step": step, "loss": round(float(np.mean(recent[-25:])), 4), "lr": round(lr_at(step), 6),
                    "seconds": round(time.time() - t0, 1)}
@@ -282,6 +310,10 @@ def training_md(info: dict) -> str:
         + (f"- warm start: every weight from `{info['init']}` (`train.warm_start`; a v2 checkpoint's code rows "
            "mapped onto v3's codes by `v3_to_v2_code`), so this model's cost includes that checkpoint's training\n"
            if info.get("init") else "") +
+        + (f"- objective: masked-token cross-entropy plus {info['group_loss']:g} x the class loss (`train.group_nll`: "
+           "-log of the target's class probability, classes = background or colour x coverage), which keeps the "
+           "per-code optimum and weights layout and binding over background texture\n"
+           if info.get("group_loss") else "") +
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
         f"{info['final_loss_last100']}\n"
