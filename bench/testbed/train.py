@@ -307,10 +307,10 @@ def training_md(info: dict) -> str:
         f"token grid ({a['grid'] * 16}x{a['grid'] * 16} px). Data: {DATA[info.get('testbed', 'v2')]} (held-out "
         "prompts never drawn).\n\n"
         f"- command (from the repository root): `{info['command']}`\n"
-        + (f"- warm start: every weight from `{info['init']}` (`train.warm_start`; a v2 checkpoint's code rows "
-           "mapped onto v3's codes by `v3_to_v2_code`), so this model's cost includes that checkpoint's training\n"
+        + (f"- warm start: every weight from `{info['init']}` (`train.warm_start`: a checkpoint of the same "
+           "shapes as is, a v2 checkpoint's code rows mapped onto v3's codes by `v3_to_v2_code`), so this model's cost includes that checkpoint's training\n"
            if info.get("init") else "") +
-        + (f"- objective: masked-token cross-entropy plus {info['group_loss']:g} x the class loss (`train.group_nll`: "
+        (f"- objective: masked-token cross-entropy plus {info['group_loss']:g} x the class loss (`train.group_nll`: "
            "-log of the target's class probability, classes = background or colour x coverage), which keeps the "
            "per-code optimum and weights layout and binding over background texture\n"
            if info.get("group_loss") else "") +
