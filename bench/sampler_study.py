@@ -1,6 +1,6 @@
 """Sampler study on the shipped testbed models (v2 and v3): score vs model evaluations, and why.
 
-    python bench/sampler_study.py            # both testbeds side by side; ~20 min on 2 CPU cores (v3 is the longer half)
+    python bench/sampler_study.py            # both testbeds, rows spread over 2 processes; minutes in RESULTS.md
 
 Every configuration runs the same held-out prompts (``ladr_rt.testbed.eval_items``) with the same
 seeds (image k of seed s: sampler seed 1000 s + k, so a batched row is its batch-1 run), eager
@@ -129,48 +129,69 @@ def check(args, ap) -> None:
             ap.error(f"--model {mdir} is a {kind} testbed model, not {tb}: pass --testbeds {kind}")
 
 
-def run_testbed(testbed: str, args) -> dict:
-    from ladr_rt.config import LadrParams, SamplerConfig
+_PIPES: dict = {}  # per worker process: testbed -> (pipeline, model dir), loaded once, warmed up
+
+
+def _pipeline(testbed: str, args):
+    from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
     from ladr_rt.testbed import eval_items, model_dir
+
+    if testbed not in _PIPES:
+        mdir = Path(args.model or model_dir(testbed))
+        pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget, batch=args.batch)
+        pipe.generate_codes([eval_items(1)[0].prompt] * args.batch, SamplerConfig(steps=8, cfg=args.cfg))  # warm-up
+        _PIPES[testbed] = pipe, mdir
+    return _PIPES[testbed]
+
+
+def run_row(testbed: str, config: tuple, args) -> dict:
+    """One study row: every held-out item once per seed with one sampler setting. Rows are
+    independent (each image has its own seed), so which process runs a row changes nothing."""
+    from ladr_rt.config import LadrParams
+    from ladr_rt.testbed import eval_items
     from ladr_rt.testbed.diagnostics import Probe
     from ladr_rt.testbed.evaluate import evaluate
 
+    label, name, T, table = config
+    pipe, _ = _pipeline(testbed, args)
+    ladr = LadrParams.from_option(table, name) if table else LadrParams()
+    sampler = dict(name=name, steps=T, cfg=args.cfg, temperature=args.temperature, ladr=ladr)
+    probe = Probe(testbed, ladr)
+    t0 = time.perf_counter()
+    ev = evaluate(pipe, eval_items(args.per_category), args.seeds, testbed, probe, **sampler)
+    wall = time.perf_counter() - t0
+    sc = ev.score
+    row = {"label": label, "sampler": name, "T": T, "ladr": table, "overall": sc["overall"],
+           "overall_se": std_error(sc), "categories": sc["categories"],
+           "evaluations_mean": float(np.mean(ev.evaluations)), "evaluations_max": int(np.max(ev.evaluations)),
+           "seconds_per_image": float(np.median(ev.calls)) / args.batch, "wall_seconds": round(wall, 1),
+           "images": len(ev.grids), "diagnostics": probe.summary(), "cfg": ev.cfg,
+           "per_image": [{"prompt": sp.prompt, "category": sp.category, "evaluations": n}
+                         for sp, n in zip(ev.specs, ev.evaluations)]}
+    for k in ("coherence", "continuity", "mosaics"):
+        if k in sc:
+            row[k] = sc[k]
+    print(f"[{testbed}] {label:36s} score {row['overall']:.3f}  evals {row['evaluations_mean']:5.1f}  "
+          f"{wall:5.1f} s  " + " ".join(f"{c}={v:.2f}" for c, v in sc["categories"].items()), flush=True)
+    return row
+
+
+def assemble(testbed: str, rows: list[dict], args) -> dict:
+    """A testbed's report from its rows (in CONFIGS order): the equal-cost baseline per row,
+    the model's training record and the scorer's reference points."""
+    from ladr_rt.testbed import eval_items, model_dir
+
     mdir = Path(args.model or model_dir(testbed))
-    pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget, batch=args.batch)
-    items = eval_items(args.per_category)
-    configs = selected(args)
-    results, used_cfg = [], args.cfg
-    pipe.generate_codes([items[0].prompt] * args.batch, SamplerConfig(steps=8, cfg=args.cfg))  # warm-up
-    for label, name, T, table in configs:
-        ladr = LadrParams.from_option(table, name) if table else LadrParams()
-        sampler = dict(name=name, steps=T, cfg=args.cfg, temperature=args.temperature, ladr=ladr)
-        probe = Probe(testbed, ladr)
-        t0 = time.perf_counter()
-        ev = evaluate(pipe, items, args.seeds, testbed, probe, **sampler)
-        wall = time.perf_counter() - t0
-        used_cfg, sc = ev.cfg, ev.score
-        row = {"label": label, "sampler": name, "T": T, "ladr": table, "overall": sc["overall"],
-               "overall_se": std_error(sc), "categories": sc["categories"],
-               "evaluations_mean": float(np.mean(ev.evaluations)), "evaluations_max": int(np.max(ev.evaluations)),
-               "seconds_per_image": float(np.median(ev.calls)) / args.batch, "wall_seconds": round(wall, 1),
-               "images": len(ev.grids), "diagnostics": probe.summary(),
-               "per_image": [{"prompt": sp.prompt, "category": sp.category, "evaluations": n}
-                             for sp, n in zip(ev.specs, ev.evaluations)]}
-        for k in ("coherence", "continuity", "mosaics"):
-            if k in sc:
-                row[k] = sc[k]
-        results.append(row)
-        print(f"[{testbed}] {label:36s} score {row['overall']:.3f}  evals {row['evaluations_mean']:5.1f}  "
-              f"{wall:5.1f} s  " + " ".join(f"{c}={v:.2f}" for c, v in sc["categories"].items()), flush=True)
-    curve = [(r["evaluations_mean"], r["overall"]) for r in results if r["sampler"] == "baseline"]
-    for r in results:
+    curve = [(r["evaluations_mean"], r["overall"]) for r in rows if r["sampler"] == "baseline"]
+    for r in rows:
         if r["sampler"] != "baseline" and len(curve) >= 2:
             r["equal_cost_baseline"] = equal_cost(curve, r["evaluations_mean"])
     training = json.loads((mdir / "training.json").read_text()) if (mdir / "training.json").is_file() else {}
     return {"model": str(mdir.relative_to(HERE.parent)) if mdir.is_relative_to(HERE.parent) else str(mdir),
-            "model_training": training, "cfg": used_cfg, "reference": chance(items, args.seeds, testbed),
-            "results": results}
+            "model_training": training, "cfg": rows[0].pop("cfg") if rows else args.cfg,
+            "reference": chance(eval_items(args.per_category), args.seeds, testbed),
+            "results": [{k: v for k, v in r.items() if k != "cfg"} for r in rows]}
 
 
 def _ignore_sigint() -> None:
@@ -180,24 +201,34 @@ def _ignore_sigint() -> None:
 
 
 def _job(job) -> dict:
-    testbed, args = job
+    testbed, config, args = job
     torch.set_num_threads(args.threads)
-    return run_testbed(testbed, args)
+    return run_row(testbed, config, args)
+
+
+def cost(config: tuple) -> int:
+    """Rough evaluations per image, to start the longest rows first (the baseline spends T;
+    the others stop early)."""
+    return config[2] if config[1] == "baseline" else config[2] // 3
 
 
 def run(args) -> dict:
     from ladr_rt.testbed import eval_items
 
     t0 = time.perf_counter()
-    jobs = [(tb, args) for tb in args.testbeds]
-    if args.jobs > 1 and len(jobs) > 1:  # one process per testbed: small models scale better so than by threads
+    jobs = [(tb, c, args) for tb in args.testbeds for c in selected(args)]
+    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i][1]))  # longest first: the pool ends together
+    if args.jobs > 1 and len(jobs) > 1:  # rows spread over processes: small models scale better so than by threads
         import multiprocessing as mp
 
         # Workers ignore Ctrl-C: the parent takes it and the pool's exit terminates them quietly.
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs)), _ignore_sigint) as pool:
-            testbeds = dict(zip(args.testbeds, pool.map(_job, jobs, chunksize=1)))
+            done = pool.map(_job, [jobs[i] for i in order], chunksize=1)
+        rows = dict(zip(order, done))
     else:
-        testbeds = {tb: _job(j) for tb, j in zip(args.testbeds, jobs)}
+        rows = {i: _job(jobs[i]) for i in order}
+    testbeds = {tb: assemble(tb, [rows[i] for i in range(len(jobs)) if jobs[i][0] == tb], args)
+                for tb in args.testbeds}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
@@ -207,8 +238,8 @@ def run(args) -> dict:
         "command": " ".join(["python bench/sampler_study.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
-                   f"{args.threads} thread(s) in each of {min(args.jobs, len(args.testbeds))} process(es) "
-                   f"(one per testbed), eager fp32, batch {args.batch}",
+                   f"{args.threads} thread(s) in each of {args.jobs} process(es) "
+                   f"(rows spread over them), eager fp32, batch {args.batch}",
         "git_commit": commit, "minutes": round((time.perf_counter() - t0) / 60, 1),
         "settings": {"size": args.size, "prompt_budget": args.prompt_budget, "temperature": args.temperature,
                      "seeds": args.seeds, "per_category": args.per_category, "batch": args.batch,
@@ -394,7 +425,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale [default: each model's ladr_default_cfg]")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--jobs", type=int, default=2, help="processes: the testbeds run side by side")
+    ap.add_argument("--jobs", type=int, default=2, help="processes; the rows are spread over them, longest first")
     ap.add_argument("--json", default=str(HERE / "sampler_study.json"))
     ap.add_argument("--plot", default=str(HERE / "sampler_study.png"))
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose tables are replaced")

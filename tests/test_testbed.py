@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +233,24 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
     assert set(last["sampler_study"]["v2"]) == {r["label"] for r in rows}
 
 
+def test_sampler_study_rows_spread_over_processes_equal_one_process(tmp_path):
+    """--jobs 2 spreads the rows over two spawned processes, longest first; every image has its own
+    seed, so the rows (scores, evaluations per image) equal a one-process run and come back in
+    the study's row order."""
+    reports = {}
+    for jobs in ("1", "2"):  # a subprocess: spawned workers import the script as __main__'s file
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "sampler_study.py"), "--testbeds", "v2", "--jobs", jobs,
+                            "--only", "prophet", "baseline", "--steps", "8", "32", "--per-category", "1", "--seeds", "0",
+                            "--json", str(tmp_path / f"{jobs}.json"), "--plot", str(tmp_path / f"{jobs}.png"),
+                            "--results", str(tmp_path / f"{jobs}.md")], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports[jobs] = json.loads((tmp_path / f"{jobs}.json").read_text())["testbeds"]["v2"]
+    one, two = reports["1"]["results"], reports["2"]["results"]
+    assert [r["label"] for r in two] == ["baseline T=8", "baseline T=32", "Prophet-style T=32"]
+    assert [(r["overall"], r["per_image"]) for r in one] == [(r["overall"], r["per_image"]) for r in two]
+    assert reports["1"]["cfg"] == reports["2"]["cfg"] and "equal_cost_baseline" in two[-1]
+
+
 @pytest.mark.parametrize("args,says", [
     (["--testbeds", "v3", "--model", "/nonexistent"], "does not exist"),
     (["--testbeds", "v3", "--model", str(MODEL)], "is a v2 testbed model, not v3"),
@@ -244,8 +264,6 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
 def test_sampler_study_refuses_bad_options_in_one_line(tmp_path, args, says):
     """Bad options or models are one line and exit 2 before anything runs, and the results file
     a user keeps is not replaced by an empty table."""
-    import subprocess
-    import sys
 
     results = tmp_path / "RESULTS.md"
     results.write_text("mine\n")
@@ -261,8 +279,6 @@ def test_sampler_study_refuses_bad_options_in_one_line(tmp_path, args, says):
 
 
 def _bench(script: str, *args: str) -> str:
-    import subprocess
-    import sys
 
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "testbed" / script), *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
