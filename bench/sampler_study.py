@@ -218,11 +218,12 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     jobs = [(tb, c, args) for tb in args.testbeds for c in selected(args)]
     order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i][1]))  # longest first: the pool ends together
-    if args.jobs > 1 and len(jobs) > 1:  # rows spread over processes: small models scale better so than by threads
+    procs = min(args.jobs, len(jobs))
+    if procs > 1:  # rows spread over processes: small models scale better so than by threads
         import multiprocessing as mp
 
         # Workers ignore Ctrl-C: the parent takes it and the pool's exit terminates them quietly.
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs)), _ignore_sigint) as pool:
+        with mp.get_context("spawn").Pool(procs, _ignore_sigint) as pool:
             done = pool.map(_job, [jobs[i] for i in order], chunksize=1)
         rows = dict(zip(order, done))
     else:
@@ -238,7 +239,7 @@ def run(args) -> dict:
         "command": " ".join(["python bench/sampler_study.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
-                   f"{args.threads} thread(s) in each of {args.jobs} process(es) "
+                   f"{args.threads} thread(s) in each of {procs} process(es) "
                    f"(rows spread over them), eager fp32, batch {args.batch}",
         "git_commit": commit, "minutes": round((time.perf_counter() - t0) / 60, 1),
         "settings": {"size": args.size, "prompt_budget": args.prompt_budget, "temperature": args.temperature,

@@ -175,8 +175,8 @@ def main(argv=None) -> None:
                          "square); more named pairs give more examples binding each colour word to its shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-loss", type=float, default=0.0,
-                    help="weight of an extra cross-entropy on each masked token's class (background, or colour x "
-                         "coverage; code_groups): pushes capacity to layout and binding over background texture")
+                    help="weight of an extra cross-entropy on each masked token's class (code_groups: background "
+                         "or colour, and on v3 the colour's coverage class): pushes capacity to layout and binding over background texture")
     ap.add_argument("--testbed", choices=TESTBEDS, default="v2",
                     help="training data: v2 (the shipped model's), v3 (scenes_v3, free placement) or v3-slots "
                          "(scenes_v3 in v2's slots: issue 16's cheap control)")
@@ -199,6 +199,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.grid != GRID and args.testbed != "v3":
         ap.error(f"--grid {args.grid}: only --testbed v3 draws other grids than {GRID}")
+    if not 0 <= args.group_loss < math.inf:
+        ap.error(f"--group-loss must be a finite weight >= 0, got {args.group_loss}")
     if args.minutes is not None and not args.minutes > 0:
         ap.error(f"--minutes must be positive, got {args.minutes}")
 
@@ -311,7 +313,7 @@ def training_md(info: dict) -> str:
            "shapes as is, a v2 checkpoint's code rows mapped onto v3's codes by `v3_to_v2_code`), so this model's cost includes that checkpoint's training\n"
            if info.get("init") else "") +
         (f"- objective: masked-token cross-entropy plus {info['group_loss']:g} x the class loss (`train.group_nll`: "
-           "-log of the target's class probability, classes = background or colour x coverage), which keeps the "
+           "-log of the target's class probability; classes: background or colour, on v3 colour x coverage), which keeps the "
            "per-code optimum and weights layout and binding over background texture\n"
            if info.get("group_loss") else "") +
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
