@@ -341,3 +341,13 @@ def test_group_loss_scores_the_class_marginal_and_leaves_the_optimum():
     assert torch.allclose(train.group_nll(q.log(), target, g), train.group_nll(logits, target, g), atol=1e-5)
     assert not torch.allclose(torch.nn.functional.cross_entropy(q.log(), target),
                               torch.nn.functional.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("weight", ["-1", "nan", "inf"])
+def test_train_refuses_a_bad_group_loss_weight_in_one_line(weight, tmp_path, capsys):
+    from test_testbed import load_train_module
+
+    with pytest.raises(SystemExit) as e:
+        load_train_module().main(["--group-loss", weight, "--out", str(tmp_path / "m")])
+    assert e.value.code == 2 and "--group-loss must be a finite weight >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
