@@ -129,7 +129,7 @@ def check(args, ap) -> None:
             ap.error(f"--model {mdir} is a {kind} testbed model, not {tb}: pass --testbeds {kind}")
 
 
-_PIPES: dict = {}  # per worker process: testbed -> (pipeline, model dir), loaded once, warmed up
+_PIPES: dict = {}  # per worker process: testbed -> pipeline, loaded once, warmed up
 
 
 def _pipeline(testbed: str, args):
@@ -141,7 +141,7 @@ def _pipeline(testbed: str, args):
         mdir = Path(args.model or model_dir(testbed))
         pipe = LadrPipeline.from_pretrained(mdir, args.size, args.size, args.prompt_budget, batch=args.batch)
         pipe.generate_codes([eval_items(1)[0].prompt] * args.batch, SamplerConfig(steps=8, cfg=args.cfg))  # warm-up
-        _PIPES[testbed] = pipe, mdir
+        _PIPES[testbed] = pipe
     return _PIPES[testbed]
 
 
@@ -154,7 +154,7 @@ def run_row(testbed: str, config: tuple, args) -> dict:
     from ladr_rt.testbed.evaluate import evaluate
 
     label, name, T, table = config
-    pipe, _ = _pipeline(testbed, args)
+    pipe = _pipeline(testbed, args)
     ladr = LadrParams.from_option(table, name) if table else LadrParams()
     sampler = dict(name=name, steps=T, cfg=args.cfg, temperature=args.temperature, ladr=ladr)
     probe = Probe(testbed, ladr)
@@ -189,7 +189,7 @@ def assemble(testbed: str, rows: list[dict], args) -> dict:
             r["equal_cost_baseline"] = equal_cost(curve, r["evaluations_mean"])
     training = json.loads((mdir / "training.json").read_text()) if (mdir / "training.json").is_file() else {}
     return {"model": str(mdir.relative_to(HERE.parent)) if mdir.is_relative_to(HERE.parent) else str(mdir),
-            "model_training": training, "cfg": rows[0].pop("cfg") if rows else args.cfg,
+            "model_training": training, "cfg": rows[0]["cfg"] if rows else args.cfg,
             "reference": chance(eval_items(args.per_category), args.seeds, testbed),
             "results": [{k: v for k, v in r.items() if k != "cfg"} for r in rows]}
 
