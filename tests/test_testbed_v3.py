@@ -351,3 +351,54 @@ def test_train_refuses_a_bad_group_loss_weight_in_one_line(weight, tmp_path, cap
         load_train_module().main(["--group-loss", weight, "--out", str(tmp_path / "m")])
     assert e.value.code == 2 and "--group-loss must be a finite weight >= 0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_slot_masks_leave_whole_slots_masked_or_decided():
+    """train.py --p-slot-mask: masks drawn slot by slot, so a scene shows some slots finished and
+    others untouched (the state a confidence sampler is in when it must start a second object),
+    which uniform masks of the same ratio practically never do. Every scene keeps a masked token,
+    and a run without the option draws exactly the stream it drew before the option existed."""
+    from test_testbed import load_train_module
+
+    from ladr_rt.config import ImageSpec
+    from ladr_rt.testbed.scenes import SLOTS
+    from ladr_rt.tokens import SequenceLayout
+
+    train = load_train_module()
+    region = train.slot_regions()
+    assert region.shape == (256,) and (region.bincount() == torch.tensor([16] * 9 + [112])).all()
+    m = train.slot_masks(400, region, torch.Generator().manual_seed(0))  # [400, 256]
+    assert m.dtype == torch.bool and m.any(1).all()
+    per_slot = torch.stack([m[:, region == k].float().mean(1) for k in range(len(SLOTS))], 1)  # [400, 9]
+    whole, none = (per_slot == 1).float().mean(), (per_slot == 0).float().mean()
+    assert 0.22 < whole < 0.4 and 0.22 < none < 0.4, (whole, none)
+    assert ((per_slot == 1).any(1) & (per_slot == 0).any(1)).float().mean() > 0.8
+    uniform = torch.rand(400, 256, generator=torch.Generator().manual_seed(0)) < m.float().mean(1, keepdim=True)
+    u_slot = torch.stack([uniform[:, region == k].float().mean(1) for k in range(len(SLOTS))], 1)
+    assert ((u_slot == 1).any(1) & (u_slot == 0).any(1)).float().mean() < 0.2
+
+    seq = SequenceLayout(ImageSpec(256, 256, train.PROMPT_BUDGET), testbed.layout("v3"))
+    tok = testbed.tokenizer()
+    a = train.batch(rng0(1), tok, seq, 8, 0.1, torch.Generator().manual_seed(1), testbed="v3-slots")
+    b = train.batch(rng0(1), tok, seq, 8, 0.1, torch.Generator().manual_seed(1), testbed="v3-slots", p_slot_mask=0.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ids, _, codes, masked = train.batch(rng0(1), tok, seq, 8, 0.1, torch.Generator().manual_seed(1),
+                                        testbed="v3-slots", p_slot_mask=1.0)
+    img = ids[:, seq.image_positions]  # masked tokens are the mask id, the rest the scene's codes
+    lay = seq.layout
+    assert torch.equal(img == lay.mask, masked) and torch.equal(img[~masked], codes[~masked] + lay.image_offset)
+
+
+@pytest.mark.parametrize("args,needle", [(["--p-slot-mask", "1.5"], "--p-slot-mask must be a share in [0, 1]"),
+                                         (["--p-slot-mask", "nan"], "--p-slot-mask must be a share in [0, 1]"),
+                                         (["--p-slot-mask", "-0.1"], "--p-slot-mask must be a share in [0, 1]"),
+                                         (["--p-slot-mask", "0.5", "--testbed", "v3", "--grid", "24"],
+                                          "--p-slot-mask: the slots are v2's 16x16 grid's")])
+def test_train_refuses_a_bad_slot_mask_share_in_one_line(args, needle, tmp_path, capsys):
+    from test_testbed import load_train_module
+
+    with pytest.raises(SystemExit) as e:
+        load_train_module().main(args + ["--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

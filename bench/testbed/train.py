@@ -136,9 +136,37 @@ def warm_start(init: dict, own: dict, testbed: str, gen: torch.Generator) -> dic
     return out
 
 
+def slot_regions(grid: int = GRID) -> torch.Tensor:
+    """int64 [grid * grid]: each token's region for ``--p-slot-mask``: slot k (0..8, v2's 3x3
+    slots of OBJ x OBJ tokens) or 9 (the lines between and around them)."""
+    from ladr_rt.testbed.scenes import OBJ, SLOT_ORIGINS, SLOTS
+
+    region = np.full((grid, grid), len(SLOTS), np.int64)
+    for k, (sr, sc) in enumerate(SLOTS):
+        region[SLOT_ORIGINS[sr]: SLOT_ORIGINS[sr] + OBJ, SLOT_ORIGINS[sc]: SLOT_ORIGINS[sc] + OBJ] = k
+    return torch.from_numpy(region.ravel())
+
+
+def slot_masks(B: int, region: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """bool [B, N]: masks drawn region by region, as the confidence samplers leave them: a
+    quarter of the regions wholly masked, a quarter wholly decided, the rest at their own
+    cosine-schedule ratio. Uniform random masks almost never show one slot finished while
+    another is untouched, yet that is the state in which a sampler must start a scene's second
+    object. Any mask is a valid training target (the loss is the conditional of the masked
+    tokens given the rest), so this changes which states are practised, not the optimum."""
+    R = int(region.max()) + 1
+    ratio = torch.cos(torch.rand(B, R, generator=gen) * math.pi / 2)  # [B, R]
+    kind = torch.rand(B, R, generator=gen)  # [B, R]
+    ratio = torch.where(kind < 0.25, 1.0, torch.where(kind < 0.5, 0.0, ratio))
+    u = torch.rand(B, len(region), generator=gen)  # [B, N]
+    masked = u < ratio[:, region]
+    none = ~masked.any(1, keepdim=True)  # [B, 1] a scene needs one masked token to score
+    return masked | (none & (u == u.max(1, keepdim=True).values))
+
+
 def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: float, gen: torch.Generator,
           p_relation: float = P_RELATION, p_colour_pair: float = P_COLOUR_PAIR, testbed: str = "v2",
-          grid: int = GRID):
+          grid: int = GRID, p_slot_mask: float = 0.0):
     specs = [sample_train_spec(rng, p_relation, p_colour_pair) for _ in range(B)]
     codes = torch.from_numpy(np.stack([draw(s, rng, testbed, grid).ravel() for s in specs]))  # [B, N]
     ids, key_mask = build_rows(tok, [s.prompt for s in specs], seq)  # [2B, L] cond rows then uncond rows
@@ -150,6 +178,9 @@ def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: 
     n_mask = torch.ceil(torch.cos(t * math.pi / 2) * N).clamp_(1, N).long()  # [B]
     rank = torch.rand(B, N, generator=gen).argsort(-1).argsort(-1)
     masked = rank < n_mask[:, None]  # [B, N] a uniformly random subset of n_mask positions
+    if p_slot_mask > 0:  # drawn only when asked, so runs without it keep their random stream
+        by_slot = torch.rand(B, generator=gen) < p_slot_mask  # [B]
+        masked = torch.where(by_slot[:, None], slot_masks(B, slot_regions(grid), gen), masked)
     lay = seq.layout
     img = torch.where(masked, torch.full_like(codes, lay.mask), codes + lay.image_offset)
     ids[:, seq.image_positions] = img
@@ -177,6 +208,9 @@ def main(argv=None) -> None:
     ap.add_argument("--group-loss", type=float, default=0.0,
                     help="weight of an extra cross-entropy on each masked token's class (code_groups: background "
                          "or colour, and on v3 the colour's coverage class): pushes capacity to layout and binding over background texture")
+    ap.add_argument("--p-slot-mask", type=float, default=0.0,
+                    help="share of scenes masked slot by slot (slot_masks: whole slots masked or decided, as a "
+                         "confidence sampler leaves them) instead of uniformly; grid 16 only")
     ap.add_argument("--testbed", choices=TESTBEDS, default="v2",
                     help="training data: v2 (the shipped model's), v3 (scenes_v3, free placement) or v3-slots "
                          "(scenes_v3 in v2's slots: issue 16's cheap control)")
@@ -201,6 +235,10 @@ def main(argv=None) -> None:
         ap.error(f"--grid {args.grid}: only --testbed v3 draws other grids than {GRID}")
     if not 0 <= args.group_loss < math.inf:
         ap.error(f"--group-loss must be a finite weight >= 0, got {args.group_loss}")
+    if not 0 <= args.p_slot_mask <= 1:
+        ap.error(f"--p-slot-mask must be a share in [0, 1], got {args.p_slot_mask}")
+    if args.p_slot_mask and args.grid != GRID:
+        ap.error(f"--p-slot-mask: the slots are v2's {GRID}x{GRID} grid's; drop it for --grid {args.grid}")
     if args.minutes is not None and not args.minutes > 0:
         ap.error(f"--minutes must be positive, got {args.minutes}")
 
@@ -246,7 +284,7 @@ def main(argv=None) -> None:
         info = {"command": command, "steps": step, "final_loss_last100": round(final, 4),
                 "params": n_params, "seconds": round(time.time() - t0, 1), "threads": args.threads,
                 "torch": torch.__version__, "seed": args.seed, "testbed": args.testbed, "init": args.init,
-                "lr": args.lr, "batch": args.batch, "group_loss": args.group_loss, "p_relation": args.p_relation, "p_colour_pair": args.p_colour_pair,
+                "lr": args.lr, "batch": args.batch, "group_loss": args.group_loss, "p_slot_mask": args.p_slot_mask, "p_relation": args.p_relation, "p_colour_pair": args.p_colour_pair,
                 "arch": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                          "mlp": cfg.mlp_hidden_size, "codebook": cfg.layout.codebook, "grid": args.grid}}
         if args.minutes is not None:
@@ -265,7 +303,7 @@ def main(argv=None) -> None:
             print(f"--minutes {args.minutes} reached after {step} steps", flush=True)
             break
         ids, key_mask, codes, masked = batch(rng, tok, seq, args.batch, args.p_uncond, gen, args.p_relation,
-                                             args.p_colour_pair, args.testbed, args.grid)
+                                             args.p_colour_pair, args.testbed, args.grid, args.p_slot_mask)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -316,6 +354,9 @@ def training_md(info: dict) -> str:
            "-log of the target's class probability; classes: background or colour, on v3 colour x coverage), which keeps the "
            "per-code optimum and weights layout and binding over background texture\n"
            if info.get("group_loss") else "") +
+        (f"- masks: {info['p_slot_mask']:g} of the scenes masked slot by slot (`train.slot_masks`: a quarter of the slots "
+           "wholly masked, a quarter wholly decided, the rest at their own ratio, as a confidence sampler leaves them), the "
+           "rest uniformly\n" if info.get("p_slot_mask") else "") +
         f"- steps: {info['steps']}; parameters: {info['params']}\n"
         f"- final training loss (mean cross-entropy on masked image tokens, last 100 steps): "
         f"{info['final_loss_last100']}\n"
