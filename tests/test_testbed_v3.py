@@ -287,9 +287,9 @@ def test_shipped_v3_model_is_small_recorded_and_v3():
 
 def test_shipped_v3_model_draws_held_out_prompts():
     """The 64-step baseline on 24 held-out prompts (4 per category) at the model's cfg, scored by
-    scorer v3. What this model does today (README, Testbed v3): it draws single objects in the named
-    colour, coherent and on a continuous background, but mostly one object where two are asked
-    for, so two-object, position and attribution stay near 0 (issue 16 is open on that)."""
+    scorer v3. Single objects in the named colour, coherent and on a continuous background; and,
+    since stage 4 (masks drawn slot by slot), two objects where two are asked for: the stage-1
+    model it replaced drew one, and passed none of the two-group prompts (README, Testbed v3)."""
     from ladr_rt.pipeline import LadrPipeline
     from ladr_rt.testbed.evaluate import evaluate
 
@@ -297,8 +297,12 @@ def test_shipped_v3_model_draws_held_out_prompts():
     ev = evaluate(pipe, eval_items(4), (0,), "v3", name="baseline", steps=64)
     res = ev.score
     assert ev.cfg == 2.0
-    assert res["overall"] >= 0.15, res  # chance (a drawn scene of another prompt) is 0 on every category
-    assert res["categories"]["colors"] >= 0.5 and res["categories"]["single_object"] > 0, res
+    assert res["overall"] >= 0.3, res  # chance (a drawn scene of another prompt) is 0, 25 on position
+    assert res["categories"]["colors"] >= 0.5 and res["categories"]["single_object"] >= 0.5, res
+    two_group = ("two_object", "position", "color_attr")
+    assert sum(res["categories"][c] * res["n"][c] for c in two_group) >= 3, res  # of 12 images
+    drew_two = [len(find_objects(g)) >= 2 for s, g in zip(ev.specs, ev.grids) if s.category in two_group]
+    assert np.mean(drew_two) >= 0.5, drew_two
     assert res["coherence"] > 0.8 and res["continuity"] > 0.9, res
 
 
