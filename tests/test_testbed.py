@@ -301,3 +301,11 @@ def test_relation_check_and_probe_run():
     assert len(last["rows"]) == 4 and 0 <= last["relation_holds"] <= last["two_object_images"] <= 4
     probe = _bench("relation_probe.py").splitlines()
     assert len(probe) == 1 + 5 * 4 and all("columns [" in line for line in probe[1:])
+
+
+def test_relation_check_scores_a_v3_model_with_scorer_v3():
+    """v3 codes index past v2's code tables, so scoring them with v2's scorer would crash."""
+    from ladr_rt.testbed import model_dir
+
+    last = json.loads(_bench("relation_check.py", "--seeds", "1", "--model", str(model_dir("v3"))).strip().splitlines()[-1])
+    assert len(last["rows"]) == 4 and 0 <= last["relation_holds"] <= last["two_object_images"] <= 4

@@ -4,6 +4,7 @@ the 37.5% a relation-blind model gets (two random distinct slots of the 3x3 layo
 ordered the named way 3 times in 8).
 
     python bench/testbed/relation_check.py     # ~2 min on 2 idle cores
+    python bench/testbed/relation_check.py --model ladr_rt/assets/testbed_v3   # scored by scorer v3
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ def _one(job) -> dict:
 
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
+    from ladr_rt.testbed import model_dir, scorer_v3, testbed_of
     from ladr_rt.testbed.scorer import find_objects, passes
 
     model, spec, seeds, cfg = job
+    if testbed_of(model or model_dir()) == "v3":  # v3 grids: scorer v3's objects and rules
+        find_objects, passes = scorer_v3.find_objects, scorer_v3.passes_v3
     torch.set_num_threads(1)
     pipe = LadrPipeline.from_pretrained(model, None, None, 24)
     both = held = 0
