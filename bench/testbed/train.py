@@ -22,6 +22,7 @@ loss curve: exactly in eager fp32 on a fixed thread count, within noise with --b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -137,15 +138,18 @@ def warm_start(init: dict, own: dict, testbed: str, gen: torch.Generator) -> dic
     return out
 
 
-def slot_regions(grid: int = GRID) -> torch.Tensor:
-    """int64 [grid * grid]: each token's region for ``--p-slot-mask``: slot k (0..8, v2's 3x3
-    slots of OBJ x OBJ tokens) or 9 (the lines between and around them)."""
-    from ladr_rt.testbed.scenes import OBJ, SLOT_ORIGINS, SLOTS
+@functools.lru_cache(maxsize=1)
+def slot_regions() -> torch.Tensor:
+    """int64 [GRID * GRID]: each token's region for ``--p-slot-mask``: slot k (0..8, the slots
+    ``diagnostics.slot_cells`` names) or 9 (the lines between and around them). Built once: the
+    training loop asks for it every step, and no caller writes to it."""
+    from ladr_rt.testbed.diagnostics import slot_cells
 
-    region = np.full((grid, grid), len(SLOTS), np.int64)
-    for k, (sr, sc) in enumerate(SLOTS):
-        region[SLOT_ORIGINS[sr]: SLOT_ORIGINS[sr] + OBJ, SLOT_ORIGINS[sc]: SLOT_ORIGINS[sc] + OBJ] = k
-    return torch.from_numpy(region.ravel())
+    cells = slot_cells()
+    region = torch.full((GRID * GRID,), len(cells), dtype=torch.int64)
+    for k, flat in enumerate(cells):
+        region[torch.from_numpy(flat)] = k
+    return region
 
 
 def slot_masks(B: int, region: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -181,7 +185,7 @@ def batch(rng: np.random.Generator, tok, seq: SequenceLayout, B: int, p_uncond: 
     masked = rank < n_mask[:, None]  # [B, N] a uniformly random subset of n_mask positions
     if p_slot_mask > 0:  # drawn only when asked, so runs without it keep their random stream
         by_slot = torch.rand(B, generator=gen) < p_slot_mask  # [B]
-        masked = torch.where(by_slot[:, None], slot_masks(B, slot_regions(grid), gen), masked)
+        masked = torch.where(by_slot[:, None], slot_masks(B, slot_regions(), gen), masked)
     lay = seq.layout
     img = torch.where(masked, torch.full_like(codes, lay.mask), codes + lay.image_offset)
     ids[:, seq.image_positions] = img
