@@ -309,3 +309,15 @@ def test_relation_check_scores_a_v3_model_with_scorer_v3():
 
     last = json.loads(_bench("relation_check.py", "--seeds", "1", "--model", str(model_dir("v3"))).strip().splitlines()[-1])
     assert len(last["rows"]) == 4 and 0 <= last["relation_holds"] <= last["two_object_images"] <= 4
+
+
+@pytest.mark.parametrize("bad", ["missing", "broken"])
+def test_relation_check_refuses_a_bad_model_in_one_line(bad, tmp_path):
+    model = tmp_path / "m"
+    if bad == "broken":
+        model.mkdir()
+        (model / "config.json").write_text("{")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "testbed" / "relation_check.py"), "--model", str(model),
+                        "--seeds", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--model:" in r.stderr.strip().splitlines()[-1]

@@ -20,11 +20,11 @@ def _one(job) -> dict:
 
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import model_dir, scorer_v3, testbed_of
+    from ladr_rt.testbed import scorer_v3
     from ladr_rt.testbed.scorer import find_objects, passes
 
-    model, spec, seeds, cfg = job
-    if testbed_of(model or model_dir()) == "v3":  # v3 grids: scorer v3's objects and rules
+    model, testbed, spec, seeds, cfg = job
+    if testbed == "v3":  # v3 grids: scorer v3's objects and rules
         find_objects, passes = scorer_v3.find_objects, scorer_v3.passes_v3
     torch.set_num_threads(1)
     pipe = LadrPipeline.from_pretrained(model, None, None, 24)
@@ -48,7 +48,14 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale [default: the model's]")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     args = ap.parse_args(argv)
-    jobs = [(args.model, s, args.seeds, args.cfg) for s in held_out_specs("position")]
+    from ladr_rt.checkpoint import CheckpointError
+    from ladr_rt.testbed import model_dir, testbed_of
+
+    try:
+        testbed = testbed_of(args.model or model_dir())  # its scorer; one line here, not a worker traceback
+    except (CheckpointError, ValueError) as e:
+        ap.error(f"--model: {e}")
+    jobs = [(args.model, testbed, s, args.seeds, args.cfg) for s in held_out_specs("position")]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(_one, jobs, chunksize=1)
     for r in rows:
