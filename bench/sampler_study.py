@@ -233,6 +233,9 @@ def run(args) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=HERE).stdout.strip()
+        commit += "+dirty" if commit and dirty else ""  # the models it scored may not be the commit's
     except OSError:
         commit = ""
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +102,32 @@ def test_training_is_seeded(tmp_path):
     for f in (tmp_path / "a").rglob("*"):  # shareable like any file the user writes (safetensors alone makes 0600)
         if f.is_file():
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_stop_after_cuts_a_run_short_on_its_full_schedule(tmp_path):
+    # A stage cut short (by --minutes, or by hand) is reproduced by --stop-after: the same first
+    # steps of the longer run's learning-rate schedule, whatever the machine's speed.
+    from ladr_rt.checkpoint import load_state_dict
+
+    short = train_tiny(tmp_path, "stop", "--steps", "6", "--stop-after", "3", "--warmup", "1")
+    whole = train_tiny(tmp_path, "three", "--warmup", "1")  # a 3-step schedule
+    assert short == whole  # steps 0-1 ran at the same rate (warm-up, then the cosine's start)
+    info = json.loads((tmp_path / "stop" / "training.json").read_text())
+    assert info["steps"] == 3 and "--stop-after 3" in info["command"]
+    lr = [json.loads(r)["lr"] for r in (tmp_path / "stop.jsonl").read_text().splitlines()]
+    p = (2 - 1) / (6 - 1)  # step 2 on the 6-step cosine (train.lr_at), not the 3-step one's 0.55 x lr
+    assert lr[-1] == pytest.approx(1.5e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * p))), abs=1e-6)
+    a, b = load_state_dict(tmp_path / "stop"), load_state_dict(tmp_path / "three")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # step 2's update used the longer schedule's rate
+
+
+@pytest.mark.parametrize("value", ["0", "7", "-1", "abc", ""])
+def test_train_refuses_a_bad_stop_after_in_one_line(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_train_module().main(["--steps", "6", "--stop-after", value, "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--stop-after" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_bf16_compiled_training_is_seeded_and_tracks_fp32(tmp_path):

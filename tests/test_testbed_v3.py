@@ -289,7 +289,8 @@ def test_shipped_v3_model_draws_held_out_prompts():
     """The 64-step baseline on 24 held-out prompts (4 per category) at the model's cfg, scored by
     scorer v3. Single objects in the named colour, coherent and on a continuous background; and,
     since stage 4 (masks drawn slot by slot), two objects where two are asked for: the stage-1
-    model it replaced drew one, and passed none of the two-group prompts (README, Testbed v3)."""
+    model drew one, and passed none of the two-group prompts (README, Testbed v3). Today (stage 5):
+    overall 0.71, and 7 of the 12 two-group images pass."""
     from ladr_rt.pipeline import LadrPipeline
     from ladr_rt.testbed.evaluate import evaluate
 
@@ -297,13 +298,28 @@ def test_shipped_v3_model_draws_held_out_prompts():
     ev = evaluate(pipe, eval_items(4), (0,), "v3", name="baseline", steps=64)
     res = ev.score
     assert ev.cfg == 2.0
-    assert res["overall"] >= 0.3, res  # chance (a drawn scene of another prompt) is 0, 25 on position
+    assert res["overall"] >= 0.5, res  # chance (a drawn scene of another prompt) is 0, 25 on position
     assert res["categories"]["colors"] >= 0.5 and res["categories"]["single_object"] >= 0.5, res
     two_group = ("two_object", "position", "color_attr")
-    assert sum(res["categories"][c] * res["n"][c] for c in two_group) >= 3, res  # of 12 images
+    assert sum(res["categories"][c] * res["n"][c] for c in two_group) >= 5, res  # of 12 images
     drew_two = [len(find_objects(g)) >= 2 for s, g in zip(ev.specs, ev.grids) if s.category in two_group]
     assert np.mean(drew_two) >= 0.5, drew_two
     assert res["coherence"] > 0.8 and res["continuity"] > 0.9, res
+
+
+def test_shipped_v3_model_places_the_named_relation():
+    """Position above its chance row: 16 images of the 4 held-out position prompts (64-step
+    baseline, model's cfg). A drawn scene of another position prompt passes 25% of them, and a model
+    that draws the right pair but ignores the relation word passes at most 37.5%. The stage-4
+    model was at the chance row (README); stage 5, trained on relation-heavy scenes, passes 10."""
+    from ladr_rt.pipeline import LadrPipeline
+    from ladr_rt.testbed.evaluate import evaluate
+
+    pipe = LadrPipeline.from_pretrained(V3_MODEL, 256, 256, 24)
+    items = [s for s in eval_items(16) if s.category == "position"]
+    assert len(items) == 16 and len({s.prompt for s in items}) == 4
+    passed = evaluate(pipe, items, (0,), "v3", name="baseline", steps=64).score["categories"]["position"] * 16
+    assert passed >= 7, passed
 
 
 def test_generate_runs_the_v3_model(tmp_path):

@@ -223,6 +223,9 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop (and save) after this much wall time even if --steps are not done; the learning "
                          "rate schedule still spans --steps, so pick --steps that fit the budget")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop (and save) after this many steps, the learning rate schedule still spanning "
+                         "--steps: reproduces a run that --minutes or a hand stopped early, on any machine")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 on 2 otherwise idle cores (0.33 s/step against 0.68 for 1); "
                          "1 when another job shares the cores (OpenMP barriers stall under contention)")
@@ -246,6 +249,8 @@ def main(argv=None) -> None:
         ap.error(f"--p-slot-mask: the slots are v2's {GRID}x{GRID} grid's; drop it for --grid {args.grid}")
     if args.minutes is not None and not args.minutes > 0:
         ap.error(f"--minutes must be positive, got {args.minutes}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
+        ap.error(f"--stop-after must lie between 1 and --steps ({args.steps}), got {args.stop_after}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -301,8 +306,8 @@ def main(argv=None) -> None:
     groups = code_groups(args.testbed)  # [codebook]
     model.train()
     forward = torch.compile(model) if args.compile else model  # same parameters; saving reads `model`
-    done = args.steps
-    for step in range(args.steps):
+    done = args.steps if args.stop_after is None else args.stop_after
+    for step in range(done):
         if args.minutes is not None and step > 0 and time.time() - t0 > 60 * args.minutes:  # one step at least
             done = step
             print(f"--minutes {args.minutes} reached after {step} steps", flush=True)
@@ -320,14 +325,14 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         recent.append(ce.item())
-        if step % 25 == 0 or step == args.steps - 1:
+        if step % 25 == 0 or step == done - 1:
             rec = {"step": step, "loss": round(float(np.mean(recent[-25:])), 4), "lr": round(lr_at(step), 6),
                    "seconds": round(time.time() - t0, 1)}
             print(json.dumps(rec), flush=True)
             if log_f:
                 log_f.write(json.dumps(rec) + "\n")
                 log_f.flush()
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < done:
             save(step + 1)
     save(done)
     print(f"done: final loss (mean of last 100 steps) {np.mean(recent[-100:]):.4f} in {time.time() - t0:.0f} s")
