@@ -6,9 +6,9 @@
         --lr 1e-3 --out ladr_rt/assets/testbed --steps 4500 --threads 2 --bf16 --compile \
         --log bench/testbed/loss_stage2.jsonl
     # the shipped model's two stages: 32 + 21 min on a 2-core CPU (ladr_rt/assets/testbed/TRAINING.md)
-    python bench/testbed/train.py --testbed v3-slots --init /tmp/v3-stage3 --seed 8 --lr 7e-4 --warmup 100 \
-        --p-relation 0.5 --p-colour-pair 0.5 --group-loss 1 --p-slot-mask 0.5 --out ladr_rt/assets/testbed_v3 \
-        --steps 10000 --minutes 62 --threads 2   # the shipped v3 model's last of four stages (its TRAINING.md)
+    python bench/testbed/train.py --testbed v3-slots --init /tmp/v3-stage4 --seed 9 --lr 7e-4 --warmup 100 \
+        --p-relation 0.9 --p-colour-pair 0.5 --group-loss 1 --p-slot-mask 0.6 --out ladr_rt/assets/testbed_v3 \
+        --steps 7000 --stop-after 6072 --threads 2   # the shipped v3 model's last of five stages (its TRAINING.md)
 
 Masked-diffusion objective as DiMOO/MaskGIT train it, matched to the inference loop:
 mask ratio gamma(t) = cos(pi t / 2) with t ~ U(0, 1), cross-entropy on the masked image
