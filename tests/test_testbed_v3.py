@@ -283,6 +283,19 @@ def test_shipped_v3_model_is_small_recorded_and_v3():
     info = json.loads((V3_MODEL / "training.json").read_text())
     assert info["testbed"] == "v3-slots" and info["steps"] > 0 and info["seconds"] <= 80 * 60
     assert "warm start" in (V3_MODEL / "TRAINING.md").read_text()
+    # The record reproduces the model: stage commands in order, each starting from the one before
+    # (the first from the v2 asset), the last writing this directory, each loss curve committed.
+    root = Path(__file__).resolve().parents[1]
+    chain = info["stages"] + [info]
+    flag = lambda cmd, f: cmd.split()[cmd.split().index(f) + 1]
+    assert flag(chain[0]["command"], "--init") == "ladr_rt/assets/testbed"
+    for prev, cur in zip(chain, chain[1:]):
+        assert flag(cur["command"], "--init") == flag(prev["command"], "--out"), cur["command"]
+    assert flag(info["command"], "--out") == "ladr_rt/assets/testbed_v3"
+    for st in chain:
+        assert st["command"].startswith("python bench/testbed/train.py --testbed v3-slots "), st["command"]
+        assert "--minutes" not in st["command"], st["command"]  # a slower machine would stop it elsewhere
+        assert (root / flag(st["command"], "--log")).is_file(), st["command"]
 
 
 def test_shipped_v3_model_draws_held_out_prompts():
