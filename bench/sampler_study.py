@@ -59,6 +59,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_commit() -> str:
+    """HEAD's short hash, with "+dirty" when tracked files differ from it: the models or code a
+    benchmark ran may then not be the commit's. Empty outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        return ""
+    return commit + ("+dirty" if commit and dirty else "")
+
+
 def chance(items, seeds, testbed: str) -> dict:
     """Reference points for the scorer: drawn scenes of the prompt (the ceiling), drawn scenes
     of another prompt of the same category (chance for a model that ignores the prompt's
@@ -230,14 +243,7 @@ def run(args) -> dict:
         rows = {i: _job(jobs[i]) for i in order}
     testbeds = {tb: assemble(tb, [rows[i] for i in range(len(jobs)) if jobs[i][0] == tb], args)
                 for tb in args.testbeds}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=HERE).stdout.strip()
-        commit += "+dirty" if commit and dirty else ""  # the models it scored may not be the commit's
-    except OSError:
-        commit = ""
+    commit = git_commit()
     return {
         "command": " ".join(["python bench/sampler_study.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -60,7 +60,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark's helpers, however this file is loaded
-from sampler_study import cpu_name, replace_section  # noqa: E402
+from sampler_study import cpu_name, git_commit, replace_section  # noqa: E402
 
 from ladr_rt.fileio import Interrupted, signals_unwind  # noqa: E402
 
@@ -76,14 +76,6 @@ def machine(threads: int) -> dict:
         load = None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "server_torch_threads": threads,
             "load_average_at_start": load, "python": platform.python_version(), "platform": platform.platform()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip()
-    except OSError:
-        return ""
 
 
 def request_list(n: int, seed0: int = 0) -> list[tuple[str, int]]:

@@ -260,6 +260,20 @@ def test_sampler_study_writes_json_plot_and_table(tmp_path, capsys):
     assert set(last["sampler_study"]["v2"]) == {r["label"] for r in rows}
 
 
+def test_bench_git_commit_marks_a_dirty_tree():
+    """The study and the serving benchmark record HEAD, marked "+dirty" when tracked files differ
+    from it (a model scored before it was committed is then not the commit's)."""
+    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "sampler_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        pytest.skip("not a git checkout (an sdist or a copied tree): no commit to record")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    assert study.git_commit() == head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def test_sampler_study_rows_spread_over_processes_equal_one_process(tmp_path):
     """--jobs 2 spreads the rows over two spawned processes, longest first; every image has its own
     seed, so the rows (scores, evaluations per image) equal a one-process run and come back in
