@@ -13,11 +13,13 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+from conftest import import_extra
 
-import uvicorn  # noqa: E402
+# Skipped with the reason where the serve extra is missing; a collection error under CI=true.
+import_extra("fastapi", "serve")
+uvicorn = import_extra("uvicorn", "serve")
+httpx = import_extra("httpx", "serve")
+
 from PIL import Image  # noqa: E402
 
 from ladr_rt.config import LadrParams, SamplerConfig  # noqa: E402
