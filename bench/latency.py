@@ -418,28 +418,63 @@ def gpu_row(pipe, cfg: ModelConfig, device: torch.device, peak: float, warmup: i
     row.update(flops_per_eval=flops, achieved_flops=flops / row["eval_s"], roofline_s=flops / peak,
                roofline_fraction=flops / peak / row["eval_s"])
 
-    # 5. end to end: modelled (count x whole step) and, when asked, measured runs
+    # 5. end to end. Measured: the baseline rule at T steps (T evaluations on every row: the
+    #    same work). LADR's count depends on the weights: a random model stops after ~11-12
+    #    evaluations, DiMOO after its own count, so a random-weight LADR run is timed only as a
+    #    functional run, and LADR's cost is a model at a stated count, never "measured".
     per_step = row["whole_step_s"]
-    row["end_to_end_model_s"] = {f"baseline_{e2e_steps}": e2e_steps * per_step, f"ladr_{ladr_evals}": ladr_evals * per_step,
-                                 "per_step_s": per_step, "note": "evaluations x whole-step time"}
+    row["end_to_end_cost_model_s"] = {
+        f"baseline_{e2e_steps}": e2e_steps * per_step, f"ladr_{ladr_evals}": ladr_evals * per_step,
+        "per_step_s": per_step, "ladr_evals_assumed": ladr_evals,
+        "assumption": (f"LADR reaches {ladr_evals} evaluations per image on DiMOO (assumed, --ladr-evals; not "
+                       "measured: the weights are random); cost = evaluations x this row's measured whole step")}
     if measure_e2e:
-        meas = {}
-        # the official generator has only the baseline rule: its row is the reference run
-        for name in ("baseline",) if isinstance(den, OfficialStyleDenoiser) else ("baseline", "ladr"):
-            _, trace, evals, secs = pipe.generate_codes(PROMPT, SamplerConfig(name=name, steps=e2e_steps,
-                                                                               temperature=1.0, seed=0))
-            meas[name] = {"seconds": secs, "evaluations": evals, "steps": e2e_steps,
-                          "capture_seconds": trace.get("capture_seconds", 0.0)}
-        meas["note"] = ("generate_codes with random weights: the evaluation count LADR reaches is the random "
-                        "model's, not DiMOO's; end_to_end_model_s gives the cost at a stated count")
-        row["end_to_end_measured"] = meas
+        _, trace, evals, secs = pipe.generate_codes(PROMPT, SamplerConfig(name="baseline", steps=e2e_steps,
+                                                                          temperature=1.0, seed=0))
+        row["end_to_end_measured"] = {
+            "baseline": {"seconds": secs, "evaluations": evals, "steps": e2e_steps,
+                         "capture_seconds": trace.get("capture_seconds", 0.0)},
+            "note": f"generate_codes, baseline rule, {e2e_steps} steps: the same evaluations on every row"}
+        # the official generator has only the baseline rule
+        if not isinstance(den, OfficialStyleDenoiser):
+            _, trace, evals, secs = pipe.generate_codes(PROMPT, SamplerConfig(name="ladr", steps=e2e_steps,
+                                                                              temperature=1.0, seed=0))
+            row["ladr_run_random_weights"] = {
+                "seconds": secs, "evaluations": evals, "steps": e2e_steps,
+                "capture_seconds": trace.get("capture_seconds", 0.0),
+                "note": ("a functional LADR run (capture, stop test) on random weights: its evaluation count is the "
+                         "random model's, not DiMOO's, so its time is no speed-up of any kind")}
     else:
         row["end_to_end_measured"] = "not measured (time budget or --no-e2e)"
-    if device.type == "cuda":
-        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    else:
-        row["peak_memory_bytes"] = None  # torch.cuda.max_memory_allocated: CUDA only
+    row.update(memory_fields(device, f"{seq.spec.height}x{seq.spec.width}"))
+    # Further per-row fields (the attention kernel, compile or precision settings) are added to
+    # `row` here by the code that knows them; gpu_summary copies any key listed in ROW_EXTRA_KEYS.
     return row
+
+
+# Cards a user might run a row's settings on, and the margin added to a measured peak.
+CARDS_GB = (24, 48, 80)
+CONTEXT_MARGIN_BYTES = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces: not counted by the caching allocator
+FRAGMENTATION_MARGIN = 0.10  # the allocator's reserved-but-unused blocks, as a share of the peak
+FITS_ASSUMPTION = (f"fits if max_memory_allocated x {1 + FRAGMENTATION_MARGIN:.2f} + "
+                   f"{CONTEXT_MARGIN_BYTES / 2**30:.0f} GiB (CUDA context, library workspaces) <= the card's "
+                   "nominal size in GiB (a '24 GB' card: 24 GiB); an estimate from this run's peak, not a run on "
+                   "that card")
+
+
+def memory_fields(device: torch.device, resolution: str) -> dict:
+    """Peak memory of this row (the suite resets the peak before each row, so it is this row's:
+    the shared weights, its denoiser's buffers and graphs, its runs) and whether an image at
+    ``resolution`` with this row's settings fits 24 / 48 / 80 GB cards."""
+    if device.type != "cuda":
+        why = "not measured: torch.cuda.max_memory_allocated is CUDA only"
+        return {"peak_memory_bytes": None, "peak_reserved_bytes": None, "fits_cards": why,
+                "fits_resolution": resolution}
+    peak = torch.cuda.max_memory_allocated(device)
+    need = peak * (1 + FRAGMENTATION_MARGIN) + CONTEXT_MARGIN_BYTES
+    return {"peak_memory_bytes": peak, "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "fits_cards": {f"{gb}GB": need <= gb * 2**30 for gb in CARDS_GB}, "fits_need_bytes": int(need),
+            "fits_resolution": resolution, "fits_assumption": FITS_ASSUMPTION}
 
 
 def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024)), backends=GPU_BACKENDS,
@@ -507,9 +542,11 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
                 log(f"  {h}x{w_} {backend}: not started (past the {deadline_s:.0f} s deadline)")
                 save()
                 continue
+            start_bytes = None
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
+                torch.cuda.reset_peak_memory_stats(dev)  # the row's peak is its own
+                start_bytes = torch.cuda.memory_allocated(dev)  # the weights; more means an earlier row leaked
             try:
                 den, extra = make_denoiser(backend, model, seq, dev, Path(tmp), ort_cuda, log, trt_full)
             except Skip as e:
@@ -541,16 +578,20 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
                 del pipe, den
             if (h, w_) in e2e_res and not measure:
                 r["end_to_end_measured"] = f"not measured: past the suite's time budget of {budget_s:.0f} s"
-            r.update(where, params=n_params, weight_bytes=weight_bytes, **extra)
+            r.update(where, params=n_params, weight_bytes=weight_bytes, memory_at_row_start_bytes=start_bytes, **extra)
             result["rows"].append(r)
             e2e = r["end_to_end_measured"]
-            runs = ", ".join(f"{k} {v['seconds']:.2f} s / {v['evaluations']}" for k, v in e2e.items()
-                             if isinstance(v, dict)) if isinstance(e2e, dict) else ""
+            runs = (f"baseline {e2e['baseline']['seconds']:.2f} s / {e2e['baseline']['evaluations']}"
+                    if isinstance(e2e, dict) else "")
+            if "ladr_run_random_weights" in r:
+                lr = r["ladr_run_random_weights"]
+                runs += f", ladr (random weights) {lr['seconds']:.2f} s / {lr['evaluations']}"
             log(f"  {h}x{w_} {backend:12s} L={r['seq_len']:5d} N={r['n_image']:5d}  eval {r['eval_s'] * 1e3:9.2f} ms  "
                 f"step {r['sampler_step_s'] * 1e3:7.2f} ms  whole step {r['whole_step_s'] * 1e3:9.2f} ms"
                 f"{' (graph)' if r['whole_step_graph'] else ''}  {r['achieved_flops'] / 1e12:7.1f} TFLOP/s "
                 f"({100 * r['roofline_fraction']:.0f}% of peak)  peak mem "
-                + (f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a")
+                + (f"{r['peak_memory_bytes'] / 2**30:.1f} GiB, fits "
+                   + ",".join(k for k, v in r["fits_cards"].items() if v) if r["peak_memory_bytes"] else "n/a")
                 + (f"  e2e {runs}" if runs else ""))
             save()
     del model
@@ -559,29 +600,41 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
 
 
 def speedups_vs_official(result: dict) -> dict:
-    """Per (resolution, backend): the official-style 64-step baseline's seconds over this row's,
-    measured (baseline and LADR runs of this row) and modelled (LADR at the stated count x this
-    row's whole step, against the official's T x its plain step). Rows without an official row
-    at their resolution get none."""
+    """Per (resolution, backend), against the official-style row at its resolution (rows
+    without one get none):
+
+    * ``measured``: the same work timed on both rows: one evaluation, one whole step, and one
+      image at equal steps (the baseline rule, T evaluations each) when both ran end to end.
+    * ``cost_model``: LADR at an assumed evaluation count x this row's measured whole step,
+      against the official image's measured seconds (its modelled T x whole step when it did
+      not run end to end), with the assumption stated. Never called measured: random weights
+      cannot tell how many evaluations LADR takes on DiMOO."""
     ref = {r["resolution"]: r for r in result["rows"] if r["backend"] == "official"}
     out: dict = {}
     for r in result["rows"]:
         o = ref.get(r["resolution"])
         if o is None:
             continue
-        sp: dict = {}
-        om, rm = o["end_to_end_model_s"], r["end_to_end_model_s"]
-        base_key = next(k for k in om if k.startswith("baseline_"))
-        for k, v in rm.items():
-            if k.startswith(("baseline_", "ladr_")):
-                sp[f"{k}_modelled"] = om[base_key] / v
+        measured = {"per_evaluation": o["eval_s"] / r["eval_s"], "per_whole_step": o["whole_step_s"] / r["whole_step_s"]}
         oe, re_ = o["end_to_end_measured"], r["end_to_end_measured"]
-        if isinstance(oe, dict) and isinstance(re_, dict) and "baseline" in oe:
-            for k, v in re_.items():
-                if isinstance(v, dict) and v["seconds"] > 0:
-                    sp[f"{k}_{v['evaluations']}evals_measured"] = oe["baseline"]["seconds"] / v["seconds"]
-        out[f"{r['resolution']}/{r['backend']}"] = sp
+        base_key = next(k for k in o["end_to_end_cost_model_s"] if k.startswith("baseline_"))
+        official_image_s, official_image = o["end_to_end_cost_model_s"][base_key], "modelled"
+        if isinstance(oe, dict) and "baseline" in oe:
+            official_image_s, official_image = oe["baseline"]["seconds"], "measured"
+            if isinstance(re_, dict) and "baseline" in re_ and re_["baseline"]["seconds"] > 0:
+                measured[f"image_{oe['baseline']['steps']}_steps"] = oe["baseline"]["seconds"] / re_["baseline"]["seconds"]
+        sp = out[f"{r['resolution']}/{r['backend']}"] = {"measured": measured}
+        if r is not o:  # the official generator has only the baseline rule
+            cm = r["end_to_end_cost_model_s"]
+            n = cm["ladr_evals_assumed"]
+            sp["cost_model"] = {f"ladr_{n}_evals": official_image_s / cm[f"ladr_{n}"],
+                                "assumption": f"{cm['assumption']}; against the official-style image "
+                                              f"({base_key.split('_')[1]} steps, {official_image})"}
     return out
+
+
+# Row keys gpu_summary copies as they are (fields other code adds to a row: list them here).
+ROW_EXTRA_KEYS = ("attention",)
 
 
 def gpu_summary(result: dict, out: Path | None) -> dict:
@@ -590,22 +643,31 @@ def gpu_summary(result: dict, out: Path | None) -> dict:
     speed = speedups_vs_official(result)
     for r in result["rows"]:
         e2e = r["end_to_end_measured"]
+        lr = r.get("ladr_run_random_weights")
         rows.append({
             "res": r["resolution"], "backend": r["backend"], "eval_ms": round(r["eval_s"] * 1e3, 3),
             "sampler_step_ms": round(r["sampler_step_s"] * 1e3, 3), "whole_step_ms": round(r["whole_step_s"] * 1e3, 3),
             "whole_step_graph": r["whole_step_graph"], "tflops": round(r["achieved_flops"] / 1e12, 2),
             "frac_of_peak": round(r["roofline_fraction"], 3),
             "peak_mem_gib": None if r["peak_memory_bytes"] is None else round(r["peak_memory_bytes"] / 2**30, 2),
-            "e2e_model_s": {k: round(v, 3) for k, v in r["end_to_end_model_s"].items() if isinstance(v, float)},
-            "e2e_measured_s": ({k: [round(v["seconds"], 3), v["evaluations"]] for k, v in e2e.items() if isinstance(v, dict)}
-                               if isinstance(e2e, dict) else None),
-            "speedup_vs_official": {k: round(v, 2)
-                                    for k, v in speed.get(f"{r['resolution']}/{r['backend']}", {}).items()},
+            "fits_cards": r["fits_cards"],
+            "image_baseline_measured_s": ([round(e2e["baseline"]["seconds"], 3), e2e["baseline"]["evaluations"]]
+                                          if isinstance(e2e, dict) else None),
+            "ladr_run_random_weights_s": None if lr is None else [round(lr["seconds"], 3), lr["evaluations"]],
+            "cost_model_s": {k: round(v, 3) for k, v in r["end_to_end_cost_model_s"].items() if isinstance(v, float)},
+            "speedup_vs_official": _rounded(speed.get(f"{r['resolution']}/{r['backend']}", {})),
+            **{k: r[k] for k in ROW_EXTRA_KEYS if k in r},
         })
     return {"bench": "latency-gpu", "out": str(out) if out else None, "hardware": result["hardware"],
             "model": result["model"], "peak_tflops": round(result["matmul_peak_flops"] / 1e12, 1), "rows": rows,
             "skipped": [{k: v for k, v in s.items() if k != "traceback"} for s in result["skipped"]],
             "total_s": round(result["total_s"], 1)}
+
+
+def _rounded(d):
+    if isinstance(d, dict):
+        return {k: _rounded(v) for k, v in d.items()}
+    return round(d, 2) if isinstance(d, float) else d
 
 
 def gpu_main(a) -> dict:
@@ -636,10 +698,12 @@ def main(argv=None) -> int:
     g.add_argument("--resolutions", default="512,1024", help="comma-separated, N (N x N) or HxW")
     g.add_argument("--prompt-budget", type=int, default=64)
     g.add_argument("--gpu-backends", default=",".join(GPU_BACKENDS), help="comma-separated: " + ",".join(GPU_BACKENDS))
-    g.add_argument("--e2e-steps", type=int, default=64, help="T of the measured baseline / ladr runs")
-    g.add_argument("--ladr-evals", type=int, default=15, help="evaluation count of the modelled LADR run")
+    g.add_argument("--e2e-steps", type=int, default=64,
+                   help="T of the measured baseline run (and of the functional random-weight LADR run)")
+    g.add_argument("--ladr-evals", type=int, default=15,
+                   help="LADR's evaluations per image assumed by the cost model (random weights cannot measure it)")
     g.add_argument("--e2e-resolutions", default="", help="resolutions with measured end-to-end runs (default: all)")
-    g.add_argument("--no-e2e", action="store_true", help="no measured end-to-end runs (modelled only)")
+    g.add_argument("--no-e2e", action="store_true", help="no end-to-end runs (cost model only)")
     g.add_argument("--ort-cuda", action="store_true",
                    help="export the full graph for onnxruntime's CUDA EP (16 GB per resolution; a run of its own)")
     g.add_argument("--budget-s", type=float, default=420.0,
