@@ -2,8 +2,12 @@
 
 A step reads the denoiser's logits [2B, N, K] (cond rows then uncond rows; any backend)
 and updates ``z`` and ``M`` in place. No host reads, no ``.item()``/``.nonzero()``, no
-new state: everything a step writes lives in ``RunState``. The loop reads one flag
-(``any(M)``, or the ``[B]`` done flags when serving) per step for the stop test.
+new state: everything a step keeps lives in ``RunState``, and every [B, N, K] tensor it
+writes is one of RunState's buffers. What a step does allocate is exact: short-lived
+temporaries of at most a few [B, N] elements (masks, comparisons, [B, 1, 1] guidance
+factors) from torch's caching allocator, which on CUDA serves them from its pool without a
+device sync (inside a captured step graph, from the graph's private pool). The loop reads one
+flag (``any(M)``, or the ``[B]`` done flags when serving) per step for the stop test.
 
 Each of the B rows is a slot with its own progress (step, n0, T, guidance, trace row,
 done flag) and its own noise generator, so a row's result depends only on what was

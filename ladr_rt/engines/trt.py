@@ -162,7 +162,13 @@ class TrtDenoiser:
             shape, dt = self.io[n]
             if tuple(t.shape) != shape or t.dtype != TORCH_OF.get(dt) or not t.is_contiguous():
                 raise ValueError(f"{n}: engine wants {dt} {list(shape)}, got {t.dtype} {list(t.shape)}")
-            self.context.set_tensor_address(n, t.data_ptr())
+            # TensorRT reports a name the plan lacks or a pointer it cannot use (misaligned) by
+            # returning False, not by raising; executing after that reads or writes elsewhere.
+            if not self.context.set_tensor_address(n, t.data_ptr()):
+                raise EngineError(f"TensorRT refused the buffer of tensor {n!r} (set_tensor_address returned False "
+                                  f"for address {t.data_ptr():#x}: the plan has no tensor of that name, or the "
+                                  "address is not aligned as TensorRT needs); pass a buffer allocated on its own "
+                                  "(not an offset view), or rebuild the plan with `ladr-rt build --backend tensorrt`")
 
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
         key = (input_ids.data_ptr(), key_mask.data_ptr(), out.data_ptr())
