@@ -152,12 +152,27 @@ def junit_results(xml_path: Path) -> dict:
             el = case.find(tag)
             if el is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (el.get("message") or el.text or "")[:500]
+                message = el.get("message") or el.text or ""
+                if message == "collection skipped" and el.text:  # a module that skipped: the text has why
+                    message = _collection_skip_reason(el.text)
+                message = message[:500]
                 break
         outcomes[outcome] += 1
         tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
                       "seconds": float(case.get("time") or 0), "message": message})
     return {"collected": len(tests), "outcomes": dict(outcomes), "tests": tests}
+
+
+def _collection_skip_reason(text: str) -> str:
+    """junit's text of a module skipped at collection, "('path', line, 'Skipped: why')" -> why."""
+    import ast
+
+    try:
+        parts = ast.literal_eval(text.strip())
+        why = str(parts[-1]) if isinstance(parts, tuple) and parts else text
+    except (ValueError, SyntaxError):
+        why = text
+    return why.removeprefix("Skipped: ")
 
 
 def _ort_cuda() -> bool:

@@ -82,8 +82,11 @@ def test_stage1_command_collects_the_gpu_tests_without_the_extras(gpu_check, tmp
             "test_cuda_step_has_no_sync_and_graph_replay_equals_eager"} <= names, names
     assert res["collected"] >= 10
     assert res["outcomes"] == {"skipped": res["collected"]}  # no CUDA here
-    # -rA lists the module-level skips with their reason
+    # -rA lists the module-level skips with their reason, and so does the stage's summary
     assert "ray is not installed" in out and "fastapi is not installed" in out
+    reasons = gpu_check.skip_reasons(res["tests"])
+    assert any(r.startswith("ray is not installed") for r in reasons), reasons
+    assert any(r.startswith("fastapi is not installed") for r in reasons), reasons
 
 
 def test_ci_fails_when_ray_is_missing(tmp_path):
