@@ -126,6 +126,7 @@ def test_a_405_names_the_allowed_methods_and_has_a_code(api):
     ({"output_format": "gif"}, "output_format", "unsupported", ["still images"]),
     ({"output_format": "bmp"}, "output_format", "invalid_value", ["png, jpeg, webp"]),
     ({"output_format": "PNG"}, "output_format", "invalid_value", ["png, jpeg, webp"]),
+    ({"output_format": ["png"]}, "output_format", "invalid_value", ["png, jpeg, webp"]),
     ({"output_compression": 101}, "output_compression", "out_of_range", ["between 0 and 100"]),
     ({"output_compression": True}, "output_compression", "invalid_type", ["integer"]),
     ({"quality": "ultra"}, "quality", "invalid_value", ["auto, low"]),

@@ -300,7 +300,7 @@ def _choice(body: dict, key: str, allowed, refused: dict | None = None):
     v = body.get(key)
     if v is None:
         return None
-    if refused and v in refused:
+    if refused and isinstance(v, str) and v in refused:
         raise ApiError(400, f"{key} {json.dumps(v)} is not supported: {refused[v]}", key, "unsupported")
     if not isinstance(v, str) or v not in allowed:
         raise ApiError(400, f"'{key}' must be one of {', '.join(allowed)}, got {json.dumps(v)[:40]}", key,
