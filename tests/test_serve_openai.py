@@ -221,3 +221,12 @@ def test_ladr_rt_serve_warms_up_before_ready_and_logs_each_request(tmp_path):
                                                    ["POST", "/v1/images/generations", "200"]], text
     assert access[2].endswith(" n=1") and "green" not in text
     assert text.index("ready:") < text.index("GET /metrics")
+
+
+def test_a_blank_served_model_name_is_refused_before_anything_loads():
+    from ladr_rt.serve.server import ServeError
+
+    for name in (" ", " tb"):
+        with pytest.raises(ServeError, match="--served-model-name .* leading or trailing spaces"):
+            ServeOptions(served_model_name=name).validate()
+    ServeOptions(served_model_name="Alpha-VLLM/Lumina-DiMOO").validate()
