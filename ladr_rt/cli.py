@@ -360,10 +360,16 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
               help="Run on Ray Serve and let Ray add/remove replicas between MIN and MAX by requests in flight.")
 @click.option("--replica-cpus", type=float, default=None,
               help="Ray CPUs (= torch threads) per CPU replica.  [default: this machine's CPUs / the most replicas]")
+@click.option("--served-model-name", default=None,
+              help="The model id GET /v1/models lists and a request's 'model' must match.  [default: the --model or "
+                   "--engine directory's name; ladr-rt-testbed for the shipped model]")
+@click.option("--log-prompts", is_flag=True, help="Write each request's prompt in its access-log line.")
 @ladr_option
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
-          temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus) -> None:
-    """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /health, GET /metrics."""
+          temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus, served_model_name,
+          log_prompts) -> None:
+    """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /v1/models, GET /health,
+    GET /metrics (docs/images-api.md)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -381,7 +387,8 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
     opts = ServeOptions(model=model_dir, engine=engine, batch=batch, mode=mode, host=host, port=port,
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
                         sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
-                        height=height, width=width, prompt_budget=prompt_budget)
+                        height=height, width=width, prompt_budget=prompt_budget,
+                        served_model_name=served_model_name, log_prompts=log_prompts)
     scale = ScaleOptions(replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus)
     log = lambda m: click.echo(f"ladr-rt serve: {m}", err=True)  # noqa: E731
     try:

@@ -146,7 +146,7 @@ def test_images_are_the_solo_runs_at_their_seeds_under_concurrency(main, base):
     ({"prompt": "a", "steps": 0}, "steps", ["between 1 and 8"]),
     ({"prompt": "a", "cfg": -1}, "cfg", ["finite number > 0"]),
     ({"prompt": "a", "cfg": 0}, "cfg", ["cannot be switched off"]),
-    ({"prompt": "a", "quality": "hd"}, "quality", ["unknown field"]),
+    ({"prompt": "a", "sed": 1}, "sed", ["unknown field"]),
 ])
 def test_bad_fields_are_400_naming_the_field(main, body, param, words):
     srv, sched, client = main

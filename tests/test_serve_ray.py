@@ -162,6 +162,12 @@ def test_health_metrics_and_errors_answer_through_ray(served):
         assert "ladr_rt_slots 2" in c.get("/metrics").text  # one replica's own: its B
         r = c.post(ROUTE, json={"prompt": "a", "sed": 1})  # the app's own 400, unchanged under Ray
         assert r.status_code == 400 and r.json()["error"]["param"] == "sed"
+        # the OpenAI routes and checks of the single-process server (tests/test_serve_openai.py)
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["ladr-rt-testbed"]
+        r = c.post(ROUTE, json={"prompt": "a", "model": "dall-e-3"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        r = c.get(ROUTE)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"]
         # the same request again is the same image, wherever it lands
         again = c.post(ROUTE, json={"prompt": REQUESTS[2][0], "seed": REQUESTS[2][1]})
         assert again.json()["data"][0]["b64_json"] == ref[REQUESTS[2]]
@@ -194,6 +200,10 @@ def test_sigterm_stops_ray_and_the_replicas_in_one_line(served):
     logs = sorted(Path(session, "logs", "serve").glob("replica_*.log"))
     closed = [p.name for p in logs if "scheduler closed after" in p.read_text()]
     assert len(logs) == 2 and len(closed) == 2, (logs, closed)  # each replica closed its scheduler
+    # each replica wrote its access lines (no prompt text) to its log
+    texts = [p.read_text() for p in logs]
+    assert all(re.search(r"ladr-rt access: \S+ POST /v1/images/generations 200 \S+s n=1", t) for t in texts), logs
+    assert not any("blue square" in ln for t in texts for ln in t.splitlines() if "ladr-rt access" in ln)
 
 
 def test_a_replica_that_fails_to_load_is_one_line_and_an_exit(tmp_path):

@@ -1,5 +1,6 @@
-"""An HTTP front end over one Scheduler: the OpenAI Images API shape (``POST /v1/images/generations``),
-``GET /health`` and ``GET /metrics`` (Prometheus text).
+"""An HTTP front end over one Scheduler: the OpenAI Images API shape (``POST /v1/images/generations``,
+``GET /v1/models``), ``GET /health`` and ``GET /metrics`` (Prometheus text). docs/images-api.md lists
+the fields taken, honoured and ignored.
 
     app = create_app(lambda: Scheduler(LadrPipeline.from_pretrained(batch=4), SamplerConfig(steps=64)))
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -22,6 +23,7 @@ import bisect
 import hmac
 import io
 import json
+import logging
 import math
 import secrets
 import threading
@@ -37,7 +39,12 @@ from ..tokens import PromptError, PromptTooLong
 from .scheduler import QueueFull, Scheduler, SchedulerClosed
 
 ROUTE = "/v1/images/generations"
-FIELDS = ("prompt", "n", "size", "response_format", "seed", "steps", "cfg", "model", "user")
+MODELS_ROUTE = "/v1/models"
+# What OpenAI's Images API (and its `openai` client) may send beyond the fields above; each is
+# checked (a value this server cannot honour is refused, never dropped) in _parse_openai.
+OPENAI_FIELDS = ("output_format", "output_compression", "quality", "style", "background", "moderation", "stream",
+                 "partial_images", "safety_identifier")
+FIELDS = ("prompt", "n", "size", "response_format", "seed", "steps", "cfg", "model", "user", *OPENAI_FIELDS)
 # A random seed (no "seed" in the request) is drawn below 2**31 so that seed + n - 1 and any
 # client's int32 seed field hold it; it is reported per image, so the image can be remade.
 RANDOM_SEED_BOUND = 2**31
@@ -53,6 +60,9 @@ class AppConfig:
     # Set by a Ray Serve replica (ladr_rt/serve/ray_serve.py): every response then carries
     # "x-ladr-replica: <id>", so a client can tell which replica answered. None: no header.
     replica: str | None = None
+    # The access log (logger ACCESS_LOGGER, one line per request) names method, path, status,
+    # latency and images; a prompt is a user's text, so it is written only when this is set.
+    log_prompts: bool = False
 
 
 REPLICA_HEADER = "x-ladr-replica"
@@ -75,6 +85,41 @@ class _ReplicaHeader:
             await send(message)
 
         await self.app(scope, receive, send_tagged)
+
+
+ACCESS_LOGGER = "ladr_rt.serve.access"
+
+
+class _AccessLog:
+    """One line per HTTP request on logger ACCESS_LOGGER: client, method, path, status, latency
+    and, for an image request that was parsed, its n (and its prompt when AppConfig.log_prompts).
+    The handler leaves n and prompt in the request's state. Pure ASGI, as _ReplicaHeader."""
+
+    def __init__(self, app):
+        self.app, self.log = app, logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), []
+
+        async def send_seen(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        finally:
+            # No response started: the app raised, and Starlette's outer handler answers 500.
+            state = scope.get("state") or {}
+            client = scope.get("client")
+            n = state.get("ladr_n")
+            line = (f"{client[0] if client else '-'} {scope['method']} {scope['path']} "
+                    f"{status[0] if status else 500} {time.perf_counter() - t0:.3f}s n={'-' if n is None else n}")
+            if "ladr_prompt" in state:
+                line += f" prompt={json.dumps(state['ladr_prompt'])}"  # quoted and escaped: one line whatever it holds
+            self.log.info(line)
 
 
 class ApiError(Exception):
@@ -195,6 +240,7 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
     for key in ("model", "user"):  # OpenAI fields accepted for client compatibility; one model per server
         if body.get(key) is not None and not isinstance(body[key], str):
             raise ApiError(400, f"'{key}' must be a string", key, "invalid_type")
+    _check_model(body.get("model"), cfg)
     n = _int(body, "n", 1, cfg.max_n, 1)
     fmt = body.get("response_format", "b64_json")
     if fmt == "url":
@@ -206,7 +252,7 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
     spec = sched.pipe.seq.spec
     served = f"{spec.width}x{spec.height}"
     size = body.get("size")
-    if size is not None:
+    if size is not None and size != "auto":  # OpenAI's "auto": the model's choice, here the one served size
         ok = isinstance(size, str) and size.count("x") == 1 and all(p.isdigit() for p in size.split("x"))
         if not ok:
             raise ApiError(400, f"'size' must be 'WIDTHxHEIGHT' such as {served!r}, got {json.dumps(size)[:40]}",
@@ -231,13 +277,85 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
                            (" (guidance cannot be switched off per request)" if guiding and guidance == 0 else ""),
                            "cfg", "out_of_range")
         guidance = float(guidance)
-    return {"prompt": prompt, "n": n, "seed": seed, "steps": steps, "cfg": guidance}
+    return {"prompt": prompt, "n": n, "seed": seed, "steps": steps, "cfg": guidance, "size": served,
+            **_parse_openai(body)}
+
+
+def _check_model(model, cfg: AppConfig) -> None:
+    if model is not None and model != cfg.model_name:
+        raise ApiError(400, f"model {model!r} is not served here; this server serves {cfg.model_name!r} (GET "
+                       f"{MODELS_ROUTE}); send that or leave 'model' out", "model", "model_not_found")
+
+
+# OpenAI's values for the fields this server takes and ignores: anything else is refused, so a
+# typo is not silently dropped. Neither changes the image: there is no quality setting beyond
+# `steps`, and no style conditioning in the model.
+QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max", "standard", "hd")
+STYLES = ("vivid", "natural")
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+DEFAULT_COMPRESSION = 100  # OpenAI's default: the least lossy jpeg/webp
+
+
+def _choice(body: dict, key: str, allowed, refused: dict | None = None):
+    v = body.get(key)
+    if v is None:
+        return None
+    if refused and isinstance(v, str) and v in refused:
+        raise ApiError(400, f"{key} {json.dumps(v)} is not supported: {refused[v]}", key, "unsupported")
+    if not isinstance(v, str) or v not in allowed:
+        raise ApiError(400, f"'{key}' must be one of {', '.join(allowed)}, got {json.dumps(v)[:40]}", key,
+                       "invalid_value")
+    return v
+
+
+def _parse_openai(body: dict) -> dict:
+    """The OpenAI-only fields: the output encoding (honoured) and the rest (checked, then ignored
+    or refused when they ask for what this server cannot do)."""
+    fmt = _choice(body, "output_format", tuple(OUTPUT_FORMATS),
+                  {"gif": "the model makes still images; use png, jpeg or webp",
+                   "svg": "the model makes raster images; use png, jpeg or webp"}) or "png"
+    compression = _int(body, "output_compression", 0, 100, None)
+    if compression is None:
+        compression = DEFAULT_COMPRESSION
+    _choice(body, "quality", QUALITIES)
+    _choice(body, "style", STYLES)
+    _choice(body, "background", ("auto", "opaque"),
+            {"transparent": "the model's images have no alpha channel; use 'opaque' or 'auto'"})
+    _choice(body, "moderation", ("auto", "low"))
+    if body.get("safety_identifier") is not None and not isinstance(body["safety_identifier"], str):
+        raise ApiError(400, "'safety_identifier' must be a string", "safety_identifier", "invalid_type")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream", "invalid_type")
+    if stream:
+        raise ApiError(400, "stream true is not supported: this server answers once every image is made; send "
+                       "false or leave it out", "stream", "unsupported")
+    if _int(body, "partial_images", 0, 3, 0):
+        raise ApiError(400, "partial_images needs streaming, which this server does not do; send 0 or leave it out",
+                       "partial_images", "unsupported")
+    return {"output_format": fmt, "output_compression": compression}
+
+
+def encode_image(image, output_format: str = "png", compression: int = DEFAULT_COMPRESSION) -> bytes:
+    """``image`` (PIL) as ``output_format`` bytes. ``compression`` is OpenAI's output_compression,
+    0-100, used as the jpeg/webp quality (100: least lossy); a PNG is lossless and the same
+    bytes whatever it says."""
+    buf = io.BytesIO()
+    if output_format == "png":
+        image.save(buf, format="PNG")
+    elif output_format in OUTPUT_FORMATS:
+        image.convert("RGB").save(buf, format=OUTPUT_FORMATS[output_format], quality=compression)
+    else:
+        raise ValueError(f"output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    return buf.getvalue()
 
 
 def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(encode_image(image, "png")).decode("ascii")
+
+
+def _b64(image, req: dict) -> str:
+    return base64.b64encode(encode_image(image, req["output_format"], req["output_compression"])).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -278,6 +396,8 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
     app = FastAPI(title="ladr-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cfg.replica is not None:
         app.add_middleware(_ReplicaHeader, value=cfg.replica)
+    app.add_middleware(_AccessLog)  # the outermost: its latency covers every other layer
+    created = int(time.time())  # the served model's "created" in /v1/models: when this server made it
     app.state.ladr = state
     app.state.metrics = metrics
     app.state.config = cfg
@@ -296,8 +416,11 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):  # 404 / 405 in the same error shape
-        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}; the API is POST {ROUTE}",
-                        type_="invalid_request_error", code="not_found" if e.status_code == 404 else None).response()
+        # A 405 keeps Starlette's Allow header (the methods the path takes), as HTTP asks.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}; the API is POST {ROUTE} "
+                        f"and GET {MODELS_ROUTE}", type_="invalid_request_error", code=code,
+                        headers=getattr(e, "headers", None)).response()
 
     @app.get("/health")
     async def health():
@@ -309,21 +432,34 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
         return PlainTextResponse(metrics.render(state["sched"], state["sched"] is not None),
                                  media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "ladr-rt"}
+
+    @app.get(MODELS_ROUTE)
+    async def models(request: Request):
+        _authorize(request, cfg)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get(MODELS_ROUTE + "/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        _authorize(request, cfg)
+        if model_id != cfg.model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {cfg.model_name!r}",
+                           "model", "model_not_found")
+        return model_card()
+
     @app.post(ROUTE)
     async def generations(request: Request):
         t0 = time.perf_counter()
-        if cfg.api_key is not None:
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
-                raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>' (the server's "
-                               "--api-key or LADR_RT_API_KEY)", type_="authentication_error", code="invalid_api_key",
-                               reason="unauthorized")
+        _authorize(request, cfg)
         raw = await _read_body(request, cfg.max_body)
         sched = state["sched"]
         if sched is None:
             raise not_ready()
         req = parse_request(raw, sched, cfg)
+        request.state.ladr_n = req["n"]  # for the access log
+        if cfg.log_prompts:
+            request.state.ladr_prompt = req["prompt"]
         futs = [sched.submit(req["prompt"], seed=req["seed"] + i, steps=req["steps"], cfg=req["cfg"])
                 for i in range(req["n"])]
         for f in futs:
@@ -334,15 +470,25 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
         results = await _await_or_cancel(request, futs)
         data = []
         for i, r in enumerate(results):
-            data.append({"b64_json": await asyncio.to_thread(_png_b64, r.image), "revised_prompt": None,
+            data.append({"b64_json": await asyncio.to_thread(_b64, r.image, req), "revised_prompt": None,
                          "seed": req["seed"] + i, "evaluations": r.evaluations,
                          "seconds": round(r.run_seconds, 6), "queued_seconds": round(r.queued_seconds, 6)})
             metrics.evaluations.observe(r.evaluations)
         metrics.images += len(data)
         metrics.latency.observe(time.perf_counter() - t0)
-        return {"created": int(time.time()), "data": data}
+        return {"created": int(time.time()), "data": data, "output_format": req["output_format"], "size": req["size"]}
 
     return app
+
+
+def _authorize(request: Request, cfg: AppConfig) -> None:
+    if cfg.api_key is not None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>' (the server's "
+                           "--api-key or LADR_RT_API_KEY)", type_="authentication_error", code="invalid_api_key",
+                           reason="unauthorized")
 
 
 def health_body(state: dict) -> dict:

@@ -24,7 +24,7 @@ import torch
 from ray import serve
 
 from ..config import LadrParams, SamplerConfig
-from .app import AppConfig, create_app, health_body
+from .app import ACCESS_LOGGER, AppConfig, create_app, health_body
 from .server import DEFAULT_BATCH, ScaleOptions, ServeError, ServeOptions, bind
 
 APP_NAME = "ladr-rt"
@@ -60,7 +60,9 @@ class LadrReplica:
             raise ReplicaLoadError(_one_line(e)) from None
         # The same app as `ladr-rt serve`; its lifespan (run by Ray in the replica) closes the
         # scheduler when Ray stops the replica.
-        self._ladr_app = create_app(sched, AppConfig(api_key=opts.api_key, max_n=opts.max_n, replica=self.replica))
+        self._ladr_app = create_app(sched, AppConfig(api_key=opts.api_key, max_n=opts.max_n, replica=self.replica,
+                                                     model_name=opts.model_id(), log_prompts=opts.log_prompts))
+        _access_log_to_replica_log()
 
     def __serve_build_asgi_app__(self):
         return self._ladr_app
@@ -82,6 +84,19 @@ class LadrReplica:
         body = health_body(self._ladr_app.state.ladr)
         if body["status"] not in ("ready", "stopping"):
             raise RuntimeError(f"replica {self.replica}: {body.get('error') or body['status']}")
+
+
+class _ToServeLog(logging.Handler):
+    def emit(self, record):
+        logging.getLogger("ray.serve").info(f"ladr-rt access: {record.getMessage()}")
+
+
+def _access_log_to_replica_log() -> None:
+    """The app's access lines go to Ray's replica log (logs/serve/replica_*.log), beside Ray's own."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if not any(isinstance(h, _ToServeLog) for h in logger.handlers):
+        logger.addHandler(_ToServeLog(logging.INFO))
+        logger.setLevel(logging.INFO)
 
 
 def _one_line(e: BaseException) -> str:
@@ -164,7 +179,7 @@ def build(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: float | None = 
 
 ARG_FIELDS = ("model", "engine", "batch", "mode", "max_queue", "api_key", "device", "dtype", "steps", "cfg",
               "temperature", "sampler", "ladr", "height", "width", "prompt_budget", "max_n", "replicas", "autoscale",
-              "replica_cpus")
+              "replica_cpus", "served_model_name", "log_prompts")
 
 
 def options_from_args(args: dict) -> tuple[ServeOptions, ScaleOptions]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,17 @@ class ServeOptions:
     width: int | None = None
     prompt_budget: int | None = None
     max_n: int = 8
+    served_model_name: str | None = None  # the id at /v1/models; None: model_id()'s default
+    log_prompts: bool = False  # the access log writes each request's prompt
+
+    def model_id(self) -> str:
+        """The id /v1/models lists and a request's ``model`` must match (when sent): the
+        --served-model-name, else the engine's or checkpoint's directory name, else
+        ``ladr-rt-testbed`` (the shipped model)."""
+        if self.served_model_name:
+            return self.served_model_name
+        src = self.engine or self.model
+        return Path(src).name if src and Path(src).name else "ladr-rt-testbed"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -50,6 +63,10 @@ class ServeOptions:
             raise ServeError(f"--max-queue must be >= 1, got {self.max_queue}")
         if self.api_key is not None and not self.api_key.strip():
             raise ServeError("--api-key (or LADR_RT_API_KEY) is empty; give a key or leave it unset")
+        if self.served_model_name is not None and (not self.served_model_name.strip() or
+                                                   self.served_model_name != self.served_model_name.strip()):
+            raise ServeError(f"--served-model-name {self.served_model_name!r}: give a name without leading or "
+                             "trailing spaces, or leave it out")
         for flag, v in (("--height", self.height), ("--width", self.width), ("--prompt-budget", self.prompt_budget)):
             if v is not None and v <= 0:
                 raise ServeError(f"{flag} must be positive, got {v}")
@@ -72,9 +89,32 @@ class ServeOptions:
                 pipe = LadrPipeline.from_pretrained(self.model, self.height, self.width, self.prompt_budget,
                                                     dtype=self.dtype, device=self.device,
                                                     batch=batch or DEFAULT_BATCH)
-            return Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
+            sched = Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
+            try:
+                warm_up(sched)
+            except BaseException:
+                sched.close(10)
+                raise
+            return sched
 
         return load
+
+
+WARM_UP_PROMPT = "a red circle"
+WARM_UP_TIMEOUT_S = 600
+
+
+def warm_up(sched: Scheduler) -> float:
+    """Runs one 1-step request through ``sched`` (step, VQ decode, future) and returns its
+    seconds. Called before a server reports ready: a fresh server's first request took 16.9 s
+    against ~2 s after, paying one-time costs (first kernels, allocator growth, thread pools)
+    that the warm-up pays instead. A model that cannot make this image fails the load."""
+    t0 = time.perf_counter()
+    try:
+        sched.submit(WARM_UP_PROMPT, seed=0, steps=1).result(WARM_UP_TIMEOUT_S)
+    except Exception as e:
+        raise RuntimeError(f"the warm-up request ({WARM_UP_PROMPT!r}, 1 step) failed: {type(e).__name__}: {e}") from None
+    return time.perf_counter() - t0
 
 
 def sampler_line(cfg: SamplerConfig) -> str:
@@ -163,6 +203,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def access_log_to(log):
+    """The app's access log lines (logger ``ladr_rt.serve.access``) go to ``log`` meanwhile."""
+    import logging
+
+    from .app import ACCESS_LOGGER
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            try:
+                log(record.getMessage())
+            except Exception:  # noqa: BLE001 -- a closed stderr must not fail the request
+                self.handleError(record)
+
+    logger, handler = logging.getLogger(ACCESS_LOGGER), Lines(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def run(opts: ServeOptions, log=print) -> str | None:
     """Serves until SIGINT/SIGTERM; returns the name of the signal that stopped it, or raises
     ServeError when the model fails to load (the server stops then too)."""
@@ -173,7 +238,8 @@ def run(opts: ServeOptions, log=print) -> str | None:
     from .app import AppConfig, create_app
 
     sock = bind(opts.host, opts.port)
-    app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n))
+    app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n,
+                                                         model_name=opts.model_id(), log_prompts=opts.log_prompts))
 
     class Server(uvicorn.Server):
         stopped_by = None
@@ -215,7 +281,8 @@ def run(opts: ServeOptions, log=print) -> str | None:
     host, port = sock.getsockname()[:2]
     log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
     threading.Thread(target=watch_load, daemon=True).start()
-    server.run(sockets=[sock])
+    with access_log_to(log):
+        server.run(sockets=[sock])
     if app.state.ladr["error"] is not None:
         raise ServeError(f"the model failed to load: {app.state.ladr['error']}")
     import signal
