@@ -511,7 +511,10 @@ def inductor_block(model, seq, device: torch.device, workdir: Path, log, warmup:
         eager_s = statistics.median(event_times(lambda: mod(x, bias), device, warmup, reps))
     path = workdir / f"inductor-block-{seq.spec.height}x{seq.spec.width}.pt2"
     t0 = time.perf_counter()
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation notices from inside export
         ep = torch.export.export(mod, (x, bias), strict=False)
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     build_s = time.perf_counter() - t0
