@@ -319,3 +319,18 @@ def test_cuda_package_validates_and_whole_step_graph_replay_equals_plain_steps(t
             b = graphed.generate_codes("a cat in a tree", scfg)[0]
         assert torch.equal(a, b), temperature
     assert any(g is not None for g in graphed._graphs.entries.values())  # the step really was captured
+
+
+def test_cuda_package_for_another_gpu_architecture_is_refused(tiny_inductor, tmp_path, monkeypatch):
+    """A CUDA package holds kernels for one compute capability: another GPU is refused before
+    the package is loaded (checked here without a GPU: the capability lookup is replaced)."""
+    import ladr_rt.engines.trt as trt
+    from ladr_rt.engines import EngineMismatch
+    from ladr_rt.engines.inductor import check_target
+
+    m = read_manifest(_copy(tiny_inductor, tmp_path / "a"))
+    m.update(target={"device": "cuda", "torch": torch.__version__}, gpu={"name": "H200", "compute_capability": "9.0"})
+    m["build_args"]["device"] = "cuda"
+    monkeypatch.setattr(trt, "compute_capability", lambda device: "8.0")
+    with pytest.raises(EngineMismatch, match="built for GPUs of compute capability 9.0, this GPU has 8.0.*--device cuda"):
+        check_target(m, torch.device("cuda", 0))
