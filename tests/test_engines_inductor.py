@@ -334,3 +334,18 @@ def test_cuda_package_for_another_gpu_architecture_is_refused(tiny_inductor, tmp
     monkeypatch.setattr(trt, "compute_capability", lambda device: "8.0")
     with pytest.raises(EngineMismatch, match="built for GPUs of compute capability 9.0, this GPU has 8.0.*--device cuda"):
         check_target(m, torch.device("cuda", 0))
+
+
+def test_serve_runs_an_inductor_engine(tiny_inductor):
+    """`serve --engine` loads through the same manifest path: the scheduler's pipeline has the
+    inductor runner and finishes a request."""
+    from ladr_rt.config import SamplerConfig
+    from ladr_rt.serve.server import ServeOptions
+
+    sched = ServeOptions(engine=str(tiny_inductor), device="cpu", sampler=SamplerConfig(steps=4)).scheduler_factory()()
+    try:
+        assert sched.pipe.denoiser.name == "inductor" and sched.pipe.batch == 1
+        res = sched.submit("a red circle", seed=0).result(timeout=300)
+    finally:
+        sched.close()
+    assert res.codes.shape == (3, 5) and 1 <= res.evaluations <= 4
