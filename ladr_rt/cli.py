@@ -287,7 +287,8 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
                    "--backend onnx, where it is the engine; drop for tensorrt]")
 def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate,
           keep_onnx) -> None:
-    """Export the transformer at one fixed shape to ONNX (and TensorRT), validated, with a manifest."""
+    """Build the transformer at one fixed shape into an engine (ONNX, TensorRT plan or AOTInductor package),
+    validated against the eager model, with a manifest."""
     from .build import build as run_build
     from .build import resolve_options
 
