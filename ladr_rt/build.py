@@ -1,4 +1,5 @@
-"""``ladr-rt build``: eager model -> fixed-shape ONNX (validated) -> TensorRT plan, + manifest.
+"""``ladr-rt build``: eager model -> fixed-shape ONNX (validated) -> TensorRT plan, or -> an
+AOTInductor ``.pt2`` package (``--backend inductor``, validated), + manifest.
 
 Stages, each timed and reported: export, validate, build (TensorRT only), manifest.
 Everything is written into a hidden temp directory ``.NAME.build-XXXXXXXX`` beside the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -31,8 +33,8 @@ import torch
 from .config import ImageSpec
 from .fileio import Interrupted, signals_unwind
 from .engines.graph import INPUTS, OUTPUTS, EngineGraph
-from .engines.manifest import (BACKENDS, FORMAT, PRECISIONS, BuildError, EngineError, engine_files, engine_paths,
-                               write_manifest)
+from .engines.manifest import (BACKENDS, FORMAT, PRECISIONS, RUNNERS, BuildError, EngineError, engine_files,
+                               engine_paths, write_manifest)
 
 VALIDATION_PROMPTS = ("a red circle above a blue square", "two green triangles on a white background",
                       "a cat in a tree")
@@ -104,6 +106,9 @@ class BuildOptions:
             raise BuildError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.batch < 1:
             raise BuildError(f"--batch must be >= 1, got {self.batch}")
+        if self.keep_onnx is not None and self.backend == "inductor":
+            raise BuildError("--keep-onnx/--no-keep-onnx: an inductor engine is its NAME.pt2 package and exports no "
+                             "ONNX graph; leave the option out")
         if self.keep_onnx is False and self.backend == "onnx":
             raise BuildError("--no-keep-onnx: an onnx engine is its NAME.onnx file; --no-keep-onnx is for "
                              "--backend tensorrt builds, where the plan is the engine")
@@ -477,7 +482,14 @@ def _build_device(opts: BuildOptions, device: str | None) -> torch.device:
         if dev.type != "cuda":
             raise BuildError(f"--backend tensorrt builds on a CUDA device, not --device {device}")
         return dev
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.backend == "inductor":
+        from .engines.inductor import check_toolchain
+
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BuildError("--backend inductor --device cuda: torch sees no CUDA device; build with --device cpu")
+        check_toolchain(dev)  # before the model loads: a missing compiler would fail only after the export
+    return dev
 
 
 def _gpu_info(dev: torch.device) -> dict[str, str]:
@@ -520,6 +532,40 @@ def _sha256(path: Path) -> tuple[str, os.stat_result]:
     return sha, path.stat()
 
 
+def _build_inductor(graph: EngineGraph, path: Path, rows: int, L: int, N: int, K: int, opts: BuildOptions,
+                    io: dict[str, Any], t0: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Export + AOTInductor compile into ``path``; returns the manifest's ``target``. The
+    package carries its own copy of what the manifest says about it (``check_package``)."""
+    from .engines.inductor import compile_package, target_of
+
+    dev = graph.head.device
+    target = target_of(dev)
+    meta = {"name": path.stem, "device": dev.type, "torch": torch.__version__, "precision": opts.precision,
+            "io": json.dumps(io, sort_keys=True)}
+    compile_package(graph, path, rows, L, meta)
+    target["compile_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"[compile] {path.name}: {rows}x{L} tokens -> {rows}x{N}x{K} logits, {opts.precision}, {dev.type} "
+        f"({target.get('cpu_capability') or 'cuda'}, torch {torch.__version__}), "
+        f"{path.stat().st_size / 2**20:.1f} MiB, {target['compile_seconds']:.1f} s")
+    return target
+
+
+def _validate_inductor(path: Path, dev: torch.device, inputs, refs, opts: BuildOptions,
+                       log: Callable[[str], None]) -> dict[str, float]:
+    from .engines.inductor import package_runner
+
+    t0 = time.perf_counter()
+    run = package_runner(path, dev)
+    with _fp32_math(opts.precision):
+        m = validate_with(run, inputs, refs, opts.precision, f"the AOTInductor package ({dev.type})")
+    del run
+    _release(dev)
+    log(f"[validate] inductor vs eager ({len(inputs)} inputs): max abs {m['max_abs_err']:.3g}, rel "
+        f"{m['rel_err']:.3g}, cosine {m['cosine']:.6f}, top-1 {m['top1']:.4f} ({m['top1_near_ties']} of "
+        f"{m['positions']} positions near-ties), {time.perf_counter() - t0:.1f} s")
+    return m
+
+
 def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | None = None) -> Path:
     """Build the engine ``opts.out`` and return its manifest path."""
     from .checkpoint import DTYPES, checkpoint_digest, load_model, load_tokenizer, read_config, remember_sha256
@@ -552,18 +598,29 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
             # References first, on the host: then model and graph are freed before onnxruntime
             # or TensorRT allocate anything (an 8B model is 16 GB of GPU memory).
             refs = eager_references(graph, inputs, opts.precision) if opts.validate else None
-            onnx_tmp = tmp / f"{name}.onnx"  # final name inside the temp dir: the .onnx refers to NAME.onnx.data
-            export_onnx(graph, onnx_tmp, rows, L, opts.opset)
-            del graph, model
-            _release(dev)
-            check_onnx_file(onnx_tmp)
-            size = onnx_tmp.stat().st_size + Path(str(onnx_tmp) + ".data").stat().st_size
-            log(f"[export] {onnx_tmp.name}: {rows}x{L} tokens -> {rows}x{N}x{K} logits, {opts.precision}, "
-                f"{size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
-
+            io = {"inputs": [{"name": "input_ids", "shape": [rows, L], "dtype": "int32"},
+                             {"name": "key_mask", "shape": [rows, L], "dtype": "bool"}],
+                  "outputs": [{"name": "logits", "shape": [rows, N, K], "dtype": "float32"}]}
             validation: dict[str, Any] = {"tolerance": dataclasses.asdict(TOLERANCES[opts.precision]),
                                           "inputs": len(inputs), "prompts": list(VALIDATION_PROMPTS)}
-            if opts.validate:
+            target = None
+            if opts.backend == "inductor":
+                target = _build_inductor(graph, tmp / f"{name}.pt2", rows, L, N, K, opts, io, t0, log)
+                del graph, model
+                _release(dev)
+                if opts.validate:
+                    validation["inductor"] = _validate_inductor(tmp / f"{name}.pt2", dev, inputs, refs, opts, log)
+            else:
+                onnx_tmp = tmp / f"{name}.onnx"  # final name inside the temp dir: the .onnx refers to NAME.onnx.data
+                export_onnx(graph, onnx_tmp, rows, L, opts.opset)
+                del graph, model
+                _release(dev)
+                check_onnx_file(onnx_tmp)
+                size = onnx_tmp.stat().st_size + Path(str(onnx_tmp) + ".data").stat().st_size
+                log(f"[export] {onnx_tmp.name}: {rows}x{L} tokens -> {rows}x{N}x{K} logits, {opts.precision}, "
+                    f"{size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+            if opts.validate and opts.backend != "inductor":
                 t0 = time.perf_counter()
                 try:
                     run = ort_runner(onnx_tmp, dev, opts.precision)
@@ -586,7 +643,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
                         f"({m['top1_near_ties']} of {m['positions']} positions near-ties), "
                         f"{time.perf_counter() - t0:.1f} s")
 
-            gpu = None
+            gpu = _gpu_info(dev) if opts.backend == "inductor" and dev.type == "cuda" else None
             if opts.backend == "tensorrt":
                 from .engines.trt import build_plan, plan_runner
 
@@ -606,16 +663,15 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
                     (tmp / f).unlink(missing_ok=True)
             hashed = {f: _sha256(tmp / f) for f in files}
 
-            io = {"inputs": [{"name": "input_ids", "shape": [rows, L], "dtype": "int32"},
-                             {"name": "key_mask", "shape": [rows, L], "dtype": "bool"}],
-                  "outputs": [{"name": "logits", "shape": [rows, N, K], "dtype": "float32"}]}
+            build_args = {"model": str(opts.model), "height": opts.height, "width": opts.width,
+                          "prompt_budget": opts.prompt_budget, "batch": opts.batch, "precision": opts.precision,
+                          "backend": opts.backend, "out": str(out_dir / name), "keep_onnx": keep_onnx}
+            if target is not None:
+                build_args["device"] = dev.type
             manifest = {
                 "format": FORMAT, "name": name, "backend": opts.backend, "precision": opts.precision,
-                "runner": "tensorrt" if opts.backend == "tensorrt" else "onnxruntime",
-                "build_args": {"model": str(opts.model), "height": opts.height, "width": opts.width,
-                               "prompt_budget": opts.prompt_budget, "batch": opts.batch,
-                               "precision": opts.precision, "backend": opts.backend, "out": str(out_dir / name),
-                               "keep_onnx": keep_onnx},
+                "runner": RUNNERS[opts.backend],
+                "build_args": build_args,
                 "model": {"dir": str(Path(opts.model).resolve()), "config_digest": cfg.digest(),
                           "weights_digest": weights_digest, "config": cfg.to_json_dict()},
                 "grid": list(seq.grid), "seq_len": L, "n_image": N, "image_start": seq.image_start,
@@ -624,12 +680,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
                 "versions": _versions(), "gpu": gpu, "validation": validation,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
+            if target is not None:
+                manifest["target"] = target
             # Install: drop the old manifest first so no moment pairs it with new files, move
             # the files, write the manifest last. Files of the old engine this one does not
             # have (an ONNX graph a plan-only build does not keep) go too: the manifest lists
             # exactly the files that exist.
             (out_dir / f"{name}.json").unlink(missing_ok=True)
-            for stale in (f"{name}.onnx", f"{name}.onnx.data", f"{name}.plan"):
+            for stale in (f"{name}.onnx", f"{name}.onnx.data", f"{name}.plan", f"{name}.pt2"):
                 if stale not in files:
                     (out_dir / stale).unlink(missing_ok=True)
             for f in files:

@@ -270,12 +270,16 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
 @click.option("--batch", type=int, default=None, help="Prompts per evaluation (2x rows: cond + uncond)  [default: 1]")
 @click.option("--precision", type=click.Choice(("fp32", "fp16", "bf16")), default=None,
               help="Weights/activations precision of the graph  [default: fp32]")
-@click.option("--backend", type=click.Choice(("onnx", "tensorrt")), default=None,
-              help="onnx: NAME.onnx for onnxruntime; tensorrt: also NAME.plan (needs a GPU)  [default: onnx]")
-@click.option("--out", default=None, help="Engine path engines/NAME: writes NAME.onnx(.data), NAME.plan, NAME.json.")
+@click.option("--backend", type=click.Choice(("onnx", "tensorrt", "inductor")), default=None,
+              help="onnx: NAME.onnx for onnxruntime; tensorrt: also NAME.plan (needs a GPU); inductor: NAME.pt2, "
+                   "an AOTInductor package for --device (needs a C++ compiler; Triton on CUDA)  [default: onnx]")
+@click.option("--out", default=None,
+              help="Engine path engines/NAME: writes NAME.onnx(.data), NAME.plan or NAME.pt2, and NAME.json.")
 @click.option("--profile", default=None,
               help="TOML build profile (export/*.toml); options given here override it  [default: none]")
-@click.option("--device", default=None, help="Device for export and validation  [default: cuda when available]")
+@click.option("--device", default=None,
+              help="Device for export and validation; for inductor also the device the package runs on  "
+                   "[default: cuda when available]")
 @click.option("--validate/--no-validate", default=None,
               help="Compare the engine with the eager model and fail past the tolerance  [default: validate]")
 @click.option("--keep-onnx/--no-keep-onnx", default=None,
@@ -283,7 +287,8 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
                    "--backend onnx, where it is the engine; drop for tensorrt]")
 def build(model, height, width, prompt_budget, batch, precision, backend, out, profile, device, validate,
           keep_onnx) -> None:
-    """Export the transformer at one fixed shape to ONNX (and TensorRT), validated, with a manifest."""
+    """Build the transformer at one fixed shape into an engine (ONNX, TensorRT plan or AOTInductor package),
+    validated against the eager model, with a manifest."""
     from .build import build as run_build
     from .build import resolve_options
 

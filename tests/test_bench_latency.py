@@ -90,3 +90,29 @@ def test_full_config_is_never_built_on_cpu(latency):
 def test_gpu_flag_without_cuda_says_so(latency, capsys):
     assert latency.main(["--gpu"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_cpu_roofline_peak_is_the_best_gemm_of_the_libraries_in_the_table(latency):
+    """A roofline against torch.mm alone put onnxruntime rows at 203% of "peak": onnxruntime's
+    GEMM beat torch's. The peak is now the best of both, measured on the same threads."""
+    torch.set_num_threads(1)
+    peak, peaks = latency.cpu_gemm_peak(threads=1)
+    assert set(peaks) == {"torch.mm", "onnxruntime MatMul"}
+    assert all(v > 0 for v in peaks.values()) and peak == max(peaks.values())
+
+
+@pytest.mark.slow
+def test_gpu_suite_inductor_block_measurement_on_cpu(latency, tmp_path):
+    """The 8B inductor row's code path (one block compiled and timed against the eager block,
+    the full model scaled from the eager row), run on the CPU on the micro model."""
+    model = latency.random_model(latency.GPU_MODELS["micro"], torch.device("cpu"), torch.float32)
+    from ladr_rt.config import ImageSpec
+    from ladr_rt.tokens import SequenceLayout
+
+    seq = SequenceLayout(ImageSpec(32, 48, 32), model.cfg.layout)
+    with pytest.raises(latency.Scaled) as ei:
+        latency.inductor_denoiser(model, seq, torch.device("cpu"), tmp_path, lambda s: None, full=False)
+    d = ei.value.data
+    assert d["method"].startswith("per-block measurement, scaled") and d["n_layers"] == 1
+    assert d["block_eager_s"] > 0 and d["block_inductor_s"] > 0 and d["block_package_bytes"] > 0
+    assert d["block_max_abs_diff"] < 1e-4  # fp32: the compiled block computes what the eager block does

@@ -295,7 +295,10 @@ def test_gpu_check_smoke_writes_every_stage(smoke):
     # stage 2: the latency table's rows, the official-style one as the reference
     s2 = smoke.json["stage2.json"]
     rows = {r["backend"]: r for r in s2["rows"]}
-    assert set(rows) == {"official", "eager"}
+    assert set(rows) == {"official", "eager", "inductor"}
+    ind = rows["inductor"]  # the AOTInductor package compiled and run on the CPU, as stage 2 runs it on CUDA
+    assert ind["build_s"] > 0 and ind["package_bytes"] > 0 and ind["graph_safe"] is False and ind["eval_s"] > 0
+    assert ind["logits_finite"] and ind["precision"] == "float32"
     assert {s["backend"] for s in s2["skipped"]} == {"torch-graph", "tensorrt"}
     off = rows["official"]
     lc, lu = off["official_lengths"]

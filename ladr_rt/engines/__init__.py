@@ -4,6 +4,7 @@
     graph.py      the fixed-shape evaluation that is exported (ids, mask -> codebook logits)
     ort.py        onnxruntime runner (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)
     trt.py        TensorRT plan builder and runner (lazy import)
+    inductor.py   AOTInductor .pt2 package builder and runner (torch only)
     torch_graph.py  eager model under CUDA-graph replay (the no-TensorRT GPU baseline)
 
 Every runner has the ``Denoiser`` call signature (``ladr_rt.denoiser``).
@@ -22,7 +23,7 @@ __all__ = ["EngineError", "EngineMismatch", "read_manifest", "check_manifest", "
 
 def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
     """The runner the manifest names, on ``device`` (auto: cuda for TensorRT or when
-    onnxruntime has a CUDA provider, else cpu), after checking that every engine file holds
+    onnxruntime has a CUDA provider, the compiled device for inductor, else cpu), after checking that every engine file holds
     what the build wrote and that the loaded graph's I/O is the manifest's."""
     check_files(m)
     d = Path(m["_dir"])
@@ -41,6 +42,21 @@ def load_denoiser(m: dict[str, Any], device: str | torch.device = "auto"):
         den = TrtDenoiser(d / f"{m['name']}.plan", device)
         check_io(m, den.io_spec(), den.path)
         return den
+    if m["runner"] == "aoti":
+        from .inductor import InductorDenoiser, check_package, check_target
+
+        dev = torch.device(m["target"]["device"] if str(device) == "auto" else device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"engine {d / m['name']} was compiled for CUDA and torch sees no CUDA device here; "
+                              f"build one for this machine: `ladr-rt build ... --backend inductor --device cpu "
+                              f"--out {d / m['name']}`")
+        # Before the package's shared object is loaded: a foreign torch, ISA or GPU
+        # architecture fails inside it (or kills the process with SIGILL).
+        check_target(m, dev)
+        path = d / f"{m['name']}.pt2"
+        check_package(m, path)
+        shapes = {t["name"]: list(t["shape"]) for t in m["io"]["inputs"] + m["io"]["outputs"]}
+        return InductorDenoiser(path, dev, shapes)
     if m["runner"] == "onnxruntime":
         from .ort import OrtDenoiser, import_ort
 

@@ -17,10 +17,15 @@ from ..fileio import atomic_write_text
 
 # 2: every engine file carries a content digest (files: {name: {size, sha256}}) and
 # build_args records keep_onnx; a format-1 manifest is refused with "rebuild".
-FORMAT = 2
-BACKENDS = ("onnx", "tensorrt")
+# 3: the inductor backend (an AOTInductor .pt2 package) and its "target" (torch version,
+# device, CPU ISA or compute capability the package was compiled for). A format-2 manifest
+# (onnx or tensorrt only) describes the same engine as it did, so it is still read.
+FORMAT = 3
+READABLE_FORMATS = (2, 3)
+BACKENDS = ("onnx", "tensorrt", "inductor")
 PRECISIONS = ("fp32", "fp16", "bf16")
-RUNNERS = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
+RUNNERS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "inductor": "aoti"}
+INDUCTOR_DEVICES = ("cpu", "cuda")
 
 
 class EngineError(ValueError):
@@ -39,7 +44,7 @@ def engine_paths(out: str | os.PathLike) -> tuple[Path, str]:
     """``engines/NAME`` (suffix optional) -> (directory, NAME)."""
     p = Path(out)
     name = p.name
-    for suffix in (".json", ".onnx", ".plan"):
+    for suffix in (".json", ".onnx", ".plan", ".pt2"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     if not name or name.startswith("."):
@@ -54,7 +59,10 @@ def manifest_path(engine: str | os.PathLike) -> Path:
 
 def engine_files(name: str, backend: str, keep_onnx: bool) -> list[str]:
     """The files an engine consists of: the ONNX graph for onnxruntime, the plan for TensorRT
-    (plus the ONNX graph it was parsed from, when kept)."""
+    (plus the ONNX graph it was parsed from, when kept), the .pt2 package for inductor (its
+    weights are inside it)."""
+    if backend == "inductor":
+        return [f"{name}.pt2"]
     onnx = [f"{name}.onnx", f"{name}.onnx.data"]
     if backend == "onnx":
         return onnx
@@ -72,6 +80,8 @@ def build_command(m: dict[str, Any], **override: Any) -> str:
              "--precision", str(a["precision"]), "--backend", str(a["backend"]), "--out", str(a["out"])]
     if a.get("backend") == "tensorrt" and a.get("keep_onnx") is True:
         parts.append("--keep-onnx")
+    if a.get("backend") == "inductor" and a.get("device"):  # a package runs on the device kind it was compiled for
+        parts += ["--device", str(a["device"])]
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -176,6 +186,16 @@ def _check_structure(m: dict[str, Any], name: str) -> None:
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             raise _Bad(f"field 'files' entry {f!r} has sha256 {_show(sha)}, expected 64 hex digits")
     gpu = m.get("gpu")
+    if backend == "inductor":
+        if m["format"] < 3:
+            raise _Bad("backend 'inductor' needs manifest format 3")
+        dev = _get(m, "target.device", str, choices=INDUCTOR_DEVICES)
+        _get(m, "build_args.device", str, choices=(dev,))
+        _get(m, "target.torch", str)
+        if dev == "cpu":
+            _get(m, "target.cpu_capability", str)
+        elif gpu is None:
+            raise _Bad("field 'gpu' is missing, but a CUDA package is compiled for one GPU architecture")
     if backend == "tensorrt" or gpu is not None:
         cc = _get(m, "gpu.compute_capability", str)
         if not all(p.isdigit() for p in cc.split(".")) or cc.count(".") != 1:
@@ -212,10 +232,11 @@ def read_manifest(engine: str | os.PathLike) -> dict[str, Any]:
         raise EngineError(f"{path} is not a ladr-rt engine manifest; rebuild the engine with "
                           f"`ladr-rt build ... --out {d / name}`")
     fmt = m["format"]
-    if fmt != FORMAT or type(fmt) is not int:
-        why = (f"was written by an older ladr-rt (manifest format {fmt}, this ladr-rt reads format {FORMAT}, "
-               "which records a content digest of every engine file)" if type(fmt) is int and fmt < FORMAT else
-               f"has manifest format {_show(fmt)}, this ladr-rt reads format {FORMAT}")
+    if fmt not in READABLE_FORMATS or type(fmt) is not int:
+        why = (f"was written by an older ladr-rt (manifest format {fmt}, this ladr-rt reads formats "
+               f"{READABLE_FORMATS[0]}-{FORMAT}, which record a content digest of every engine file)"
+               if type(fmt) is int and fmt < FORMAT else
+               f"has manifest format {_show(fmt)}, this ladr-rt reads formats {READABLE_FORMATS[0]}-{FORMAT}")
         raise EngineError(f"{path} {why}; rebuild the engine: `{_rebuild(m, d, name)}`")
     try:
         _check_structure(m, name)
