@@ -78,9 +78,9 @@ class LadrPipeline:
         from .vq import load_vq
 
         if model_dir is None:
-            from .testbed import model_dir as shipped
+            from . import shipped
 
-            model_dir = shipped()
+            model_dir = shipped.model_dir()
             if not (model_dir / "config.json").is_file():
                 raise CheckpointError(f"the shipped model {model_dir} is missing from this install; pass a model "
                                       "directory (--model DIR)")
