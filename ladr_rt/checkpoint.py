@@ -331,8 +331,13 @@ def _old_transformers(p: Path) -> str | None:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:  # transformers checks its own dependencies' versions on import
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"transformers cannot be imported ({first}); pip install -U "
+                              f"'transformers>={TRANSFORMERS_FLOOR}'") from None
 
     p = _dir(path)
     hf_logging.set_verbosity_error()  # config.json's model_type "llada" is unknown to transformers: harmless

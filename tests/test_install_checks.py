@@ -84,3 +84,14 @@ def test_broken_tokenizer_files_are_still_blamed_on_a_current_transformers(monke
     (d / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="no usable tokenizer files.*restore tokenizer.json"):
         load_tokenizer(d)
+
+
+def test_unimportable_transformers_is_one_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from ladr_rt.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError, as a version clash does
+    r = CliRunner().invoke(main, ["generate", "--prompt", "a red circle", "--out", str(tmp_path / "o.png")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "transformers cannot be imported" in r.output and "pip install -U 'transformers>=5'" in r.output
