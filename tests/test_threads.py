@@ -42,32 +42,34 @@ def test_the_users_setting_wins(two_threads, monkeypatch):
     assert threads.choose(small) is None
 
 
-def _spy_threads(pipe):
-    """The thread count torch has at every evaluation of the model."""
-    seen = []
+@pytest.fixture(scope="module")
+def spied():
+    """The shipped model's pipeline, and the thread count torch had at each of its evaluations."""
+    from ladr_rt.pipeline import LadrPipeline
+
+    pipe = LadrPipeline.from_pretrained(None)
+    seen: list[int] = []
     pipe.denoiser.model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
-    return seen
+    return pipe, seen
 
 
 @pytest.mark.parametrize("env,requested,inside", [(None, None, 1), ("2", None, 2), (None, 2, 2)])
-def test_shipped_model_steps_on_the_chosen_threads(two_threads, monkeypatch, env, requested, inside):
-    from ladr_rt.pipeline import LadrPipeline
-
+def test_shipped_model_steps_on_the_chosen_threads(two_threads, monkeypatch, spied, env, requested, inside):
+    pipe, seen = spied
     if env is not None:
         monkeypatch.setenv("OMP_NUM_THREADS", env)
-    pipe = LadrPipeline.from_pretrained(None, cpu_threads=requested)
-    seen = _spy_threads(pipe)
+    monkeypatch.setattr(pipe, "cpu_threads", requested)
+    seen.clear()
     pipe.generate_codes("a red circle", SamplerConfig(steps=4, seed=0))
     assert seen and set(seen) == {inside}
     assert torch.get_num_threads() == 2  # the caller's count is back
 
 
-def test_scheduler_steps_on_the_chosen_threads(two_threads):
-    from ladr_rt.pipeline import LadrPipeline
+def test_scheduler_steps_on_the_chosen_threads(two_threads, spied):
     from ladr_rt.serve import Scheduler
 
-    pipe = LadrPipeline.from_pretrained(None)
-    seen = _spy_threads(pipe)
+    pipe, seen = spied
+    seen.clear()
     sched = Scheduler(pipe, SamplerConfig(steps=4), start=False)
     try:
         fut = sched.submit("a red circle", seed=0)
