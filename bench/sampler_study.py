@@ -2,14 +2,14 @@
 
     python bench/sampler_study.py            # both testbeds, rows spread over 2 processes; minutes in RESULTS.md
 
-Every configuration runs the same held-out prompts (``ladr_rt.testbed.eval_items``) with the same
+Every configuration runs the same held-out prompts (``ladr_testbed.eval_items``) with the same
 seeds (image k of seed s: sampler seed 1000 s + k, so a batched row is its batch-1 run), eager
 fp32. Rows: the baseline at T in {8, 10, 12, 16, 24, 32, 64} (the equal-cost curve), every other
 sampler at T in {32, 64}, and LADR variants of the phase table at T = 64 (the ``--ladr`` option).
 Per row: overall and per-category score (scorer v3 on v3, with colour coherence, background
 continuity and mosaics), mean evaluations per image, the equal-cost baseline's score at that many
 evaluations (linear between the curve's points), and the step-by-step diagnostics of
-``ladr_rt.testbed.diagnostics`` (route and phase of every committed token, entropy of rescued
+``ladr_testbed.diagnostics`` (route and phase of every committed token, entropy of rescued
 tokens, frontier-margin saturation, the state at the refinement bound, errors by route and phase).
 
 Outputs: ``bench/sampler_study.json`` (everything), ``bench/sampler_study.png`` (score vs
@@ -76,8 +76,8 @@ def chance(items, seeds, testbed: str) -> dict:
     """Reference points for the scorer: drawn scenes of the prompt (the ceiling), drawn scenes
     of another prompt of the same category (chance for a model that ignores the prompt's
     details), and uniform random codes."""
-    from ladr_rt.testbed import scenes, scenes_v3, scorer_for
-    from ladr_rt.testbed.scenes import category_specs
+    from ladr_testbed import scenes, scenes_v3, scorer_for
+    from ladr_testbed.scenes import category_specs
 
     if testbed == "v2":
         codebook, draw = scenes.CODEBOOK, lambda s, rng: scenes.render(scenes.sample_scene(s, rng))
@@ -120,7 +120,7 @@ def selected(args) -> list:
 def check(args, ap) -> None:
     """Every bad option or model is one line before anything runs or any output is replaced."""
     from ladr_rt.checkpoint import CheckpointError
-    from ladr_rt.testbed import model_dir, testbed_of
+    from ladr_testbed import model_dir, testbed_of
 
     for flag, v in (("--batch", args.batch), ("--per-category", args.per_category), ("--threads", args.threads),
                     ("--jobs", args.jobs)):
@@ -148,7 +148,7 @@ _PIPES: dict = {}  # per worker process: testbed -> pipeline, loaded once, warme
 def _pipeline(testbed: str, args):
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import eval_items, model_dir
+    from ladr_testbed import eval_items, model_dir
 
     if testbed not in _PIPES:
         mdir = Path(args.model or model_dir(testbed))
@@ -162,9 +162,9 @@ def run_row(testbed: str, config: tuple, args) -> dict:
     """One study row: every held-out item once per seed with one sampler setting. Rows are
     independent (each image has its own seed), so which process runs a row changes nothing."""
     from ladr_rt.config import LadrParams
-    from ladr_rt.testbed import eval_items
-    from ladr_rt.testbed.diagnostics import Probe
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed import eval_items
+    from ladr_testbed.diagnostics import Probe
+    from ladr_testbed.evaluate import evaluate
 
     label, name, T, table = config
     pipe = _pipeline(testbed, args)
@@ -193,7 +193,7 @@ def run_row(testbed: str, config: tuple, args) -> dict:
 def assemble(testbed: str, rows: list[dict], args) -> dict:
     """A testbed's report from its rows (in CONFIGS order): the equal-cost baseline per row,
     the model's training record and the scorer's reference points."""
-    from ladr_rt.testbed import eval_items, model_dir
+    from ladr_testbed import eval_items, model_dir
 
     mdir = Path(args.model or model_dir(testbed))
     curve = [(r["evaluations_mean"], r["overall"]) for r in rows if r["sampler"] == "baseline"]
@@ -226,7 +226,7 @@ def cost(config: tuple) -> int:
 
 
 def run(args) -> dict:
-    from ladr_rt.testbed import eval_items
+    from ladr_testbed import eval_items
 
     t0 = time.perf_counter()
     jobs = [(tb, c, args) for tb in args.testbeds for c in selected(args)]
@@ -267,7 +267,7 @@ def _num(x, digits=2) -> str:
 
 
 def score_table(tb: str, rep: dict) -> str:
-    from ladr_rt.testbed import CATEGORIES
+    from ladr_testbed import CATEGORIES
 
     short = {"single_object": "single", "two_object": "two obj", "counting": "count", "colors": "colours",
              "position": "position", "color_attr": "attr"}
@@ -344,7 +344,7 @@ def table(report: dict) -> str:
         n_img = rep["results"][0]["images"] if rep["results"] else 0
         parts.append(f"\n**Testbed {TESTBED_NAMES.get(tb, tb)}**: model `{rep['model']}`, cfg {rep['cfg']}, "
                      f"{n_img} images per row.\n\n" + score_table(tb, rep) + "\n")
-    parts.append("\n**Diagnostics** (`ladr_rt/testbed/diagnostics.py`; phases by t_eff against the paper's bounds "
+    parts.append("\n**Diagnostics** (`ladr_testbed/diagnostics.py`; phases by t_eff against the paper's bounds "
                  "0.2 / 0.7 for every sampler; errors = final-grid tokens that break local coherence: speckle, "
                  "off-colour object tokens, and on v3 breaks in the background field):\n\n"
                  + diagnostics_table(report) + "\n")

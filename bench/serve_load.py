@@ -80,7 +80,7 @@ def machine(threads: int) -> dict:
 
 def request_list(n: int, seed0: int = 0) -> list[tuple[str, int]]:
     """(prompt, seed): held-out testbed prompts in ``eval_items`` order (cycled), seeds seed0..seed0+n-1."""
-    from ladr_rt.testbed import eval_items
+    from ladr_testbed import eval_items
 
     items = eval_items(8)
     return [(items[i % len(items)].prompt, seed0 + i) for i in range(n)]

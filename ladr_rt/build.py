@@ -398,6 +398,34 @@ def ort_runner(path: Path, device: torch.device, precision: str = "fp32") -> Cal
 
 # ------------------------------------------------------------------ the build
 
+# What each backend imports during a build, by the extra that installs it. Checked before the
+# checkpoint is hashed or loaded: on an 8B model that work takes minutes, and a missing exporter
+# found after it is a traceback from deep inside torch.onnx.
+def needed_extras(backend: str, validate: bool = True) -> list[tuple[str, list[str]]]:
+    if backend == "onnx":  # export (onnx, onnxscript) and the engine's own runtime
+        return [("onnx", ["onnx", "onnxscript", "onnxruntime"])]
+    if backend == "tensorrt":  # export, then the plan; onnxruntime only validates the ONNX graph first
+        return [("gpu", ["onnx", "onnxscript"] + (["onnxruntime"] if validate else [])), ("tensorrt", ["tensorrt"])]
+    return []
+
+
+def require_extras(backend: str, validate: bool = True, find_spec: Callable[[str], Any] | None = None) -> None:
+    """One BuildError naming every missing module and the pip install that brings it."""
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    missing, extras = [], []
+    for extra, modules in needed_extras(backend, validate):
+        gone = [m for m in modules if find_spec(m) is None]
+        if gone:
+            missing += gone
+            extras.append(extra)
+    if missing:
+        names = ",".join(extras)
+        raise BuildError(f"--backend {backend} needs {', '.join(missing)}, not installed in this Python: "
+                         f"pip install 'ladr-rt[{names}]' (in a source checkout: pip install -e '.[{names}]')")
+
+
 def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
@@ -572,6 +600,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print, device: str | 
     from .tokens import SequenceLayout
 
     opts = opts.validated()
+    require_extras(opts.backend, opts.validate)
     out_dir, name = engine_paths(opts.out)
     if not out_dir.is_dir():
         raise BuildError(f"--out {opts.out}: directory {out_dir} does not exist; create it first")

@@ -307,15 +307,46 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return model.eval().requires_grad_(False)
 
 
+TRANSFORMERS_FLOOR = 5  # the shipped and init-tiny tokenizers declare "TokenizersBackend", a transformers 5 class
+
+
+def _old_transformers(p: Path) -> str | None:
+    """The line to give when a tokenizer failed to load under a transformers older than the floor."""
+    import transformers
+
+    version = transformers.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return None
+    if major >= TRANSFORMERS_FLOOR:
+        return None
+    try:
+        cls = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        cls = None
+    why = f"they declare tokenizer_class {cls!r}, which " if cls else "they may need a class that "
+    return (f"{p}: the tokenizer files are fine, but {why}transformers {version} does not have: "
+            f"ladr-rt needs transformers>={TRANSFORMERS_FLOOR}; pip install -U 'transformers>={TRANSFORMERS_FLOOR}'")
+
+
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:  # transformers checks its own dependencies' versions on import
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"transformers cannot be imported ({first}); pip install -U "
+                              f"'transformers>={TRANSFORMERS_FLOOR}'") from None
 
     p = _dir(path)
     hf_logging.set_verbosity_error()  # config.json's model_type "llada" is unknown to transformers: harmless
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers and the Rust tokenizers raise many unrelated types
+        old = _old_transformers(p)
+        if old:  # intact files, too old a reader: blaming the files would send the user to re-download them
+            raise CheckpointError(old) from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"{p}: no usable tokenizer files ({first}); restore tokenizer.json / "
                               "tokenizer_config.json from the checkpoint's source") from None

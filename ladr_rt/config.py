@@ -341,7 +341,7 @@ MAX_KERNEL = 63
 
 @dataclass(frozen=True)
 class LadrParams:
-    """The LADR phase table (shared/spec/ladr.md step 4); defaults are the paper's.
+    """The LADR phase table (docs/ladr.md, step 5); defaults are the paper's.
 
     ``--ladr KEY=VALUE,...`` on the CLI (``LadrParams.from_option``) sets any of these fields.
     """

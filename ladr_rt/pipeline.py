@@ -17,6 +17,7 @@ import torch
 from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
+from . import threads
 from .samplers import RunState, make_sampler
 from .tokens import SequenceLayout, build_rows, write_image_tokens
 from .vq import to_uint8
@@ -44,14 +45,20 @@ class LadrPipeline:
     graphs: CudaGraphs = CUDA_GRAPHS  # the torch.cuda seam of step_runner
 
     def __init__(self, denoiser: Denoiser, tokenizer, vq, layout: TokenLayout, spec: ImageSpec, batch: int = 1,
-                 default_cfg: float = ModelConfig.default_cfg, vocab_size: int | None = None):
+                 default_cfg: float = ModelConfig.default_cfg, vocab_size: int | None = None,
+                 cpu_threads: int | None = None):
         spec.validate(layout.vq_scale)
+        threads.choose(None, cpu_threads)  # a bad count is refused here, not at the first call
+        self.cpu_threads = cpu_threads  # None: chosen from the work (ladr_rt/threads.py)
         self.vocab_size = vocab_size  # the model's; prompt ids past it are refused before an evaluation
         self.default_cfg = default_cfg  # the model's guidance scale for SamplerConfig(cfg=None)
         self.denoiser, self.tokenizer, self.vq, self.layout = denoiser, tokenizer, vq, layout
         self.seq = SequenceLayout(spec, layout)
         self.batch = batch
         dev = denoiser.device
+        mc = getattr(getattr(denoiser, "model", None), "cfg", None)  # eager: the model's sizes
+        self._matmul_flops = (threads.largest_matmul_flops(mc.d_model, mc.mlp_hidden_size, 2 * batch, self.seq.seq_len)
+                              if dev.type == "cpu" and isinstance(mc, ModelConfig) else None)
         B, L, N = batch, self.seq.seq_len, self.seq.n_image
         self.positions = self.seq.image_positions.to(dev)  # [N]
         self.ids = torch.empty(2 * B, L, dtype=denoiser.ids_dtype, device=dev)  # [2B, L] engine input
@@ -69,18 +76,20 @@ class LadrPipeline:
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
                         prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        batch: int = 1) -> "LadrPipeline":
+                        batch: int = 1, cpu_threads: int | None = None) -> "LadrPipeline":
         """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
         ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default."""
+        ``prompt_budget`` None: ``ImageSpec``'s default; ``cpu_threads`` None: torch's intra-op
+        threads chosen from the model's size on the CPU (``ladr_rt/threads.py``)."""
         from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
+        threads.choose(None, cpu_threads)  # a bad count: refused before anything loads
         if model_dir is None:
-            from .testbed import model_dir as shipped
+            from . import shipped
 
-            model_dir = shipped()
+            model_dir = shipped.model_dir()
             if not (model_dir / "config.json").is_file():
                 raise CheckpointError(f"the shipped model {model_dir} is missing from this install; pass a model "
                                       "directory (--model DIR)")
@@ -96,7 +105,7 @@ class LadrPipeline:
         model = load_model(model_dir, dtype=dtype, device=device)
         seq = SequenceLayout(spec, cfg.layout)
         return cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
-                   cfg.vocab_size)
+                   cfg.vocab_size, cpu_threads)
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
@@ -256,8 +265,14 @@ class LadrPipeline:
         dev = self.denoiser.device
         # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
         # denoiser's device, also for cuda:N with N > 0.
-        with self._lock, (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
+        with self._lock, self.thread_scope(), (torch.cuda.device(dev) if dev.type == "cuda"
+                                               else contextlib.nullcontext()):
             return self._generate_codes(prompts, cfg, progress, on_step)
+
+    def thread_scope(self):
+        """The intra-op thread count for this pipeline's steps, set for the block in the calling
+        thread (the scheduler's loop runs its steps under it too)."""
+        return threads.scope(threads.choose(self._matmul_flops, self.cpu_threads))
 
     def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
         if self.owner is not None:

@@ -194,7 +194,7 @@ def gumbel_(u: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Shared predict stage (shared/spec/ladr.md step 2); subclasses select what to unmask."""
+    """Shared predict stage (docs/ladr.md, step 2); subclasses select what to unmask."""
 
     name = "?"
 
@@ -249,7 +249,7 @@ class Sampler:
 
     def keep_lowest(self, n_keep: torch.Tensor) -> torch.Tensor:
         """[B, N] bool: the n_keep [B] masked positions with the lowest c = log(conf) + temp * g
-        (ties: lower index first). ladr.md step 3, the backbone's selection."""
+        (ties: lower index first). docs/ladr.md step 3, the backbone's selection."""
         s, temp = self.s, self.cfg.temperature
         torch.log(s.conf, out=s.score)
         if temp > 0:
@@ -313,7 +313,7 @@ def _put(trace: torch.Tensor, at: torch.Tensor, value: torch.Tensor, active: tor
 
 
 class LadrSampler(BaselineSampler):
-    """shared/spec/ladr.md: inverse-schedule keep count, standard selection, then the
+    """docs/ladr.md: inverse-schedule keep count, standard selection, then the
     neighbour rescue of confident frontier tokens."""
 
     name = "ladr"

@@ -1,7 +1,7 @@
 """Schedules, as tensor math that runs on the device (and on plain floats in tests).
 
 LADR's keep count comes from the *inverse* schedule of the current mask ratio
-(shared/spec/ladr.md step 1), in float64 so every implementation floors alike.
+(docs/ladr.md, step 1), in float64 so every implementation floors alike.
 The baseline keep count is the official generator's, in float32 as it computes it.
 """
 from __future__ import annotations

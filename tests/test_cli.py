@@ -161,11 +161,11 @@ def test_unsupported_config_option(tiny_ckpt, tmp_path):
 
 
 def test_missing_shipped_model_is_one_line(tmp_path, monkeypatch):
-    import ladr_rt.testbed
+    import ladr_rt.shipped
     from click.testing import CliRunner
     from ladr_rt.cli import main
 
-    monkeypatch.setattr(ladr_rt.testbed, "model_dir", lambda: tmp_path / "not-installed")
+    monkeypatch.setattr(ladr_rt.shipped, "model_dir", lambda: tmp_path / "not-installed")
     r = CliRunner().invoke(main, ["generate", "--prompt", "a red circle", "--out", str(tmp_path / "o.png")])
     assert r.exit_code == 1 and "missing from this install; pass a model directory (--model DIR)" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()

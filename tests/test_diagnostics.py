@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ladr_rt import testbed
+import ladr_testbed as testbed
 from ladr_rt.config import SamplerConfig
-from ladr_rt.testbed import parse_prompt, scenes, scenes_v3
-from ladr_rt.testbed.diagnostics import Probe, error_tokens, slot_cells
-from ladr_rt.testbed.scorer_v3 import background_breaks, incoherent_tokens
+from ladr_testbed import parse_prompt, scenes, scenes_v3
+from ladr_testbed.diagnostics import Probe, error_tokens, slot_cells
+from ladr_testbed.scorer_v3 import background_breaks, incoherent_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["two red circles above a blue square", "three triangles", "a green square", "a yellow circle and a "
@@ -83,7 +83,7 @@ def test_on_step_sees_every_step(pipe):
 
 @pytest.mark.parametrize("name,T", [("baseline", 12), ("ladr", 64)])
 def test_probe_charges_every_token_once(pipe, name, T):
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     probe = Probe("v2")
     items = testbed.eval_items(1)[:3]
@@ -107,7 +107,7 @@ def test_probe_charges_every_token_once(pipe, name, T):
 def test_batched_evaluation_equals_batch_one(pipe):
     """evaluate() with a batch-2 pipeline gives each image its batch-1 codes and evaluation count."""
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     one = LadrPipeline.from_pretrained(testbed.model_dir(), 256, 256, 24)
     items = testbed.eval_items(1)[:3]

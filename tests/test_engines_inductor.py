@@ -50,7 +50,7 @@ def tiny_inductor_bf16(tiny_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def testbed_inductor(tmp_path_factory) -> Path:
-    from ladr_rt.testbed import model_dir
+    from ladr_rt.shipped import model_dir
 
     return _build(model_dir(), tmp_path_factory.mktemp("indtb") / "tb", **TESTBED_SHAPE)
 
@@ -114,7 +114,7 @@ def test_inductor_generate_tokens_equal_eager_at_temperature_0(tiny_inductor, ti
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ladr", "baseline"])
 def test_inductor_testbed_tokens_equal_eager_at_temperature_0(testbed_inductor, tmp_path, sampler):
-    from ladr_rt.testbed import model_dir
+    from ladr_rt.shipped import model_dir
 
     cfg = 3.0 if sampler == "ladr" else 0.0
     _, a = _generate(testbed_inductor, tmp_path, "e", sampler, cfg)

@@ -240,7 +240,7 @@ def dimoo_shaped_tokenizer():
 
 
 def _tokenizers():
-    import ladr_rt.testbed as tb
+    import ladr_testbed as tb
     from ladr_rt.config import TokenLayout
     from ladr_rt.tiny import word_tokenizer
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ladr_rt.testbed import CATEGORIES, eval_items, parse_prompt, passes, score
-from ladr_rt.testbed.scenes import (CODEBOOK, COLOURS, GRID, OBJ, SHAPES, Group, Spec, category_specs, held_out,
+from ladr_testbed import CATEGORIES, eval_items, parse_prompt, passes, score
+from ladr_testbed.scenes import (CODEBOOK, COLOURS, GRID, OBJ, SHAPES, Group, Spec, category_specs, held_out,
                                     held_out_specs, render, sample_scene, sample_train_spec, template_codes)
-from ladr_rt.testbed.scorer import classify, find_objects
+from ladr_testbed.scorer import classify, find_objects
 
 rng0 = np.random.default_rng
 

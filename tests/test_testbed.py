@@ -16,10 +16,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ladr_rt import testbed
+import ladr_testbed as testbed
 from ladr_rt.checkpoint import CheckpointError, load_model, load_tokenizer, read_config
 from ladr_rt.config import ImageSpec, SamplerConfig
-from ladr_rt.testbed.scenes import (CODE_COLOUR, CODEBOOK, COLOURS, GRID, PATTERNS, RGB, fine_mask,
+from ladr_testbed.scenes import (CODE_COLOUR, CODEBOOK, COLOURS, GRID, PATTERNS, RGB, fine_mask,
                                     template_codes)
 from ladr_rt.tokens import SequenceLayout, build_rows, text_ids
 
@@ -177,7 +177,7 @@ def test_palette_decoder_round_trip(tmp_path):
 def test_model_paints_the_named_colour(pipe):
     """Held-out prompts that name one colour, baseline sampler: the named colour must be the
     image's dominant object colour far more often than a prompt-blind model's 1 in 6."""
-    from ladr_rt.testbed.scenes import held_out_specs
+    from ladr_testbed.scenes import held_out_specs
 
     specs = held_out_specs("colors") * 2
     hits = 0
@@ -193,7 +193,7 @@ def test_shipped_model_draws_held_out_prompts(pipe):
     category, at the model's cfg: every category passes at least once, and the overall score is
     far above a prompt-blind model (4.2%, the chance row of bench/RESULTS.md). The sampler study
     measures the same thing on 144 images per sampler (73.6% for this model)."""
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     ev = evaluate(pipe, testbed.eval_items(4), name="baseline", steps=64)
     assert len(ev.grids) == 24 and ev.cfg == pipe.default_cfg
@@ -206,7 +206,7 @@ def test_default_sampler_stays_far_above_chance(pipe):
     """The `generate` default (LADR T=64) on the same 24 prompts. On this model LADR loses the
     two-object and position prompts (README, Testbed: rescue commits slot edges as background),
     so this asks for a score six times the prompt-blind 4.2% and three categories that pass."""
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     ev = evaluate(pipe, testbed.eval_items(4))
     res = ev.score
@@ -346,7 +346,7 @@ def test_relation_check_and_probe_run():
 
 def test_relation_check_scores_a_v3_model_with_scorer_v3():
     """v3 codes index past v2's code tables, so scoring them with v2's scorer would crash."""
-    from ladr_rt.testbed import model_dir
+    from ladr_testbed import model_dir
 
     last = json.loads(_bench("relation_check.py", "--seeds", "1", "--model", str(model_dir("v3"))).strip().splitlines()[-1])
     assert len(last["rows"]) == 4 and 0 <= last["relation_holds"] <= last["two_object_images"] <= 4

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ladr_rt import testbed
-from ladr_rt.testbed import CATEGORIES, eval_items, parse_prompt
-from ladr_rt.testbed import scenes_v3 as v3
-from ladr_rt.testbed.scenes import COLOURS, RGB, SHAPES, held_out, sample_train_spec
-from ladr_rt.testbed.scorer_v3 import (MIN_IOU, MIN_OBJECT, background_continuity, classify, colour_coherence,
+import ladr_testbed as testbed
+from ladr_testbed import CATEGORIES, eval_items, parse_prompt
+from ladr_testbed import scenes_v3 as v3
+from ladr_testbed.scenes import COLOURS, RGB, SHAPES, held_out, sample_train_spec
+from ladr_testbed.scorer_v3 import (MIN_IOU, MIN_OBJECT, background_continuity, classify, colour_coherence,
                                        find_objects, mosaics, passes_v3, score)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,7 +305,7 @@ def test_shipped_v3_model_draws_held_out_prompts():
     model drew one, and passed none of the two-group prompts (README, Testbed v3). Today (stage 5):
     overall 0.71, and 7 of the 12 two-group images pass."""
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     pipe = LadrPipeline.from_pretrained(V3_MODEL, 256, 256, 24)
     ev = evaluate(pipe, eval_items(4), (0,), "v3", name="baseline", steps=64)
@@ -326,7 +326,7 @@ def test_shipped_v3_model_places_the_named_relation():
     that draws the right pair but ignores the relation word passes at most 37.5%. The stage-4
     model was at the chance row (README); stage 5, trained on relation-heavy scenes, passes 10."""
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed.evaluate import evaluate
 
     pipe = LadrPipeline.from_pretrained(V3_MODEL, 256, 256, 24)
     items = [s for s in eval_items(16) if s.category == "position"]
@@ -394,7 +394,7 @@ def test_slot_masks_leave_whole_slots_masked_or_decided():
     from test_testbed import load_train_module
 
     from ladr_rt.config import ImageSpec
-    from ladr_rt.testbed.scenes import SLOTS
+    from ladr_testbed.scenes import SLOTS
     from ladr_rt.tokens import SequenceLayout
 
     train = load_train_module()

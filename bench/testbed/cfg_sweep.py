@@ -27,8 +27,8 @@ def _one(job) -> dict:
     import torch
 
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import eval_items, testbed_of
-    from ladr_rt.testbed.evaluate import evaluate
+    from ladr_testbed import eval_items, testbed_of
+    from ladr_testbed.evaluate import evaluate
 
     model, size, budget, per, cfg, name, T = job
     torch.set_num_threads(1)
@@ -41,7 +41,7 @@ def _one(job) -> dict:
 
 def main(argv=None) -> None:
     from ladr_rt.fileio import atomic_write_text
-    from ladr_rt.testbed import CATEGORIES, model_dir
+    from ladr_testbed import CATEGORIES, model_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory [default: the shipped testbed model]")
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     model = str(args.model or model_dir())
     from ladr_rt.checkpoint import CheckpointError
-    from ladr_rt.testbed import testbed_of
+    from ladr_testbed import testbed_of
 
     try:
         testbed_of(model)  # a testbed's checkpoint: its scorer is known (one line here, not a worker traceback)

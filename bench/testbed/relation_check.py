@@ -20,8 +20,8 @@ def _one(job) -> dict:
 
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
-    from ladr_rt.testbed import scorer_v3
-    from ladr_rt.testbed.scorer import find_objects, passes
+    from ladr_testbed import scorer_v3
+    from ladr_testbed.scorer import find_objects, passes
 
     model, testbed, spec, seeds, cfg = job
     if testbed == "v3":  # v3 grids: scorer v3's objects and rules
@@ -40,7 +40,7 @@ def _one(job) -> dict:
 
 
 def main(argv=None) -> None:
-    from ladr_rt.testbed.scenes import held_out_specs
+    from ladr_testbed.scenes import held_out_specs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory [default: the shipped testbed model]")
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     args = ap.parse_args(argv)
     from ladr_rt.checkpoint import CheckpointError
-    from ladr_rt.testbed import model_dir, testbed_of
+    from ladr_testbed import model_dir, testbed_of
 
     try:
         testbed = testbed_of(args.model or model_dir())  # its scorer; one line here, not a worker traceback

@@ -14,10 +14,10 @@ import argparse
 import numpy as np
 import torch
 
-from ladr_rt import testbed
+import ladr_testbed as testbed
 from ladr_rt.checkpoint import load_model, load_tokenizer
 from ladr_rt.config import ImageSpec
-from ladr_rt.testbed.scenes import CODE_MASK, CODES, GRID, OBJ, POSITIONS, SLOT_ORIGINS, template_codes
+from ladr_testbed.scenes import CODE_MASK, CODES, GRID, OBJ, POSITIONS, SLOT_ORIGINS, template_codes
 from ladr_rt.tokens import SequenceLayout, build_rows
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ladr_rt.testbed import TESTBEDS, codebook
-from ladr_rt.testbed import scenes, scenes_v3
-from ladr_rt.testbed.scenes import sample_train_spec
+from ladr_testbed import TESTBEDS, codebook
+from ladr_testbed import scenes, scenes_v3
+from ladr_testbed.scenes import sample_train_spec
 
 
 def draw(testbed: str, spec, rng) -> np.ndarray:

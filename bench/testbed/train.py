@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from ladr_rt.checkpoint import save_checkpoint
 from ladr_rt.config import ImageSpec, ModelConfig
 from ladr_rt.model import DimooModel
-from ladr_rt.testbed import TESTBEDS, codebook, layout, palette, palette_v3, tokenizer
-from ladr_rt.testbed import scenes_v3
-from ladr_rt.testbed.scenes import GRID, P_COLOUR_PAIR, P_RELATION, render, sample_scene, sample_train_spec
+from ladr_testbed import TESTBEDS, codebook, layout, palette, palette_v3, tokenizer
+from ladr_testbed import scenes_v3
+from ladr_testbed.scenes import GRID, P_COLOUR_PAIR, P_RELATION, render, sample_scene, sample_train_spec
 from ladr_rt.tokens import SequenceLayout, build_rows
 
 PROMPT_BUDGET = 24  # the longest template + prompt is 21 tokens
@@ -62,7 +62,7 @@ def code_groups(testbed: str) -> torch.Tensor:
     """int64 [codebook]: each code's semantic class for ``--group-loss``: 0 background, else
     (colour, coverage class). v2 codes group by colour; v3 codes by colour and interior / rim
     coverage, so the background level, the shade and the bucket under a rim fall out of it."""
-    from ladr_rt.testbed import scenes
+    from ladr_testbed import scenes
 
     if testbed == "v2":
         return torch.from_numpy(scenes.CODE_COLOUR.astype(np.int64))
@@ -97,7 +97,7 @@ def v3_to_v2_code() -> np.ndarray:
     """int64 [v3 codebook]: for each v3 code, the v2 code that stands for the same thing: a
     background level -> v2's background, a colour's interior -> its full tile, a colour's rim of
     coverage c -> its partial tile whose filled share is nearest c."""
-    from ladr_rt.testbed.scenes import CODES
+    from ladr_testbed.scenes import CODES
 
     colour2 = np.array([c for c, _ in CODES])
     fill2 = np.array([bin(m).count("1") / 16 for _, m in CODES])
@@ -143,7 +143,7 @@ def slot_regions() -> torch.Tensor:
     """int64 [GRID * GRID]: each token's region for ``--p-slot-mask``: slot k (0..8, the slots
     ``diagnostics.slot_cells`` names) or 9 (the lines between and around them). Built once: the
     training loop asks for it every step, and no caller writes to it."""
-    from ladr_rt.testbed.diagnostics import slot_cells
+    from ladr_testbed.diagnostics import slot_cells
 
     cells = slot_cells()
     region = torch.full((GRID * GRID,), len(cells), dtype=torch.int64)
@@ -340,8 +340,8 @@ def main(argv=None) -> None:
 
 CODEBOOK_KIND = {"v2": "colour x edge-pattern", "v3": "background-level / shaded-colour / anti-aliased-rim",
                  "v3-slots": "background-level / shaded-colour / anti-aliased-rim"}
-DATA = {"v2": "`ladr_rt/testbed/scenes.py`", "v3": "`ladr_rt/testbed/scenes_v3.py`, free layout",
-        "v3-slots": "`ladr_rt/testbed/scenes_v3.py`, v2's slot layout"}
+DATA = {"v2": "`ladr_testbed/scenes.py`", "v3": "`ladr_testbed/scenes_v3.py`, free layout",
+        "v3-slots": "`ladr_testbed/scenes_v3.py`, v2's slot layout"}
 
 
 def training_md(info: dict) -> str:

@@ -246,8 +246,8 @@ class Scheduler:
         """One iteration: admit, one step for all slots, finish the done ones. False when there
         was nothing to run (no request running or waiting)."""
         pipe = self.pipe
-        with pipe._lock, (torch.cuda.device(pipe.denoiser.device) if pipe.denoiser.device.type == "cuda"
-                          else contextlib.nullcontext()):
+        with pipe._lock, pipe.thread_scope(), (torch.cuda.device(pipe.denoiser.device)
+                                          if pipe.denoiser.device.type == "cuda" else contextlib.nullcontext()):
             self._retire_cancelled()
             self._admit()
             if not self.busy:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import SamplerConfig
+from ladr_rt.config import SamplerConfig
 from .scenes import Spec
 
 

@@ -25,8 +25,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..config import LadrParams
-from ..schedule import gamma_inv
+from ladr_rt.config import LadrParams
+from ladr_rt.schedule import gamma_inv
 from . import scenes, scenes_v3, scorer, scorer_v3
 from .scorer import components
 

@@ -1,8 +1,14 @@
-"""The synthetic testbed: scenes and prompts (``scenes``), a GenEval-style scorer
-(``scorer``) and the shipped model trained on them (``assets/testbed``, ``model_dir()``)."""
+"""The synthetic testbed: scenes and prompts (``scenes``), a GenEval-style scorer (``scorer``),
+the sampler diagnostics and the evaluation loop the study and the training scripts use.
+
+Research tooling, kept out of the runtime: it imports ``ladr_rt`` and ``ladr_rt`` never imports it.
+The models trained on these scenes ship inside the runtime (``ladr_rt/assets``; ``model_dir()``
+is ``ladr_rt.shipped.model_dir``)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from ladr_rt.shipped import model_dir
 
 from .scenes import CATEGORIES, COLOURS, SHAPES, Group, Spec, eval_items, parse_prompt
 from .scorer import find_objects, passes, score
@@ -14,18 +20,10 @@ __all__ = ["CATEGORIES", "COLOURS", "SHAPES", "Group", "Spec", "eval_items", "pa
 TESTBEDS = ("v2", "v3", "v3-slots")  # v2: the shipped model's data; v3: scenes_v3 free layout; v3-slots: its control
 
 
-def model_dir(testbed: str = "v2") -> Path:
-    """A checkpoint shipped inside the package: ``v2`` (the default model of ``ladr-rt generate``)
-    or ``v3`` (testbed v3, trained on the ``v3-slots`` scenes)."""
-    if testbed not in ("v2", "v3"):
-        raise ValueError(f"no shipped testbed model {testbed!r}; choose v2 or v3")
-    return Path(__file__).resolve().parent.parent / "assets" / ("testbed" if testbed == "v2" else "testbed_v3")
-
-
 def testbed_of(model: Path | str) -> str:
     """"v2" or "v3": whose codebook a testbed checkpoint's config.json declares (both v3 layouts
     share one codebook and one scorer)."""
-    from ..checkpoint import read_config
+    from ladr_rt.checkpoint import read_config
     from . import scenes, scenes_v3
 
     codebook = read_config(model).layout.codebook
@@ -45,7 +43,7 @@ def scorer_for(testbed: str):
 
 def tokenizer():
     """Word-level tokenizer over the testbed's words; template tags are single special tokens."""
-    from ..tiny import TEMPLATE_TAGS, word_tokenizer
+    from ladr_rt.tiny import TEMPLATE_TAGS, word_tokenizer
     from .scenes import WORDS
 
     n_text = 2 + len(WORDS)  # <unk>, <pad>, words
@@ -55,8 +53,8 @@ def tokenizer():
 def layout(testbed: str = "v2"):
     """Special ids after the text vocabulary, then the codebook; DiMOO's templates kept.
     v3's layout differs from v2's only in the codebook size (the text ids are the same)."""
-    from ..config import TokenLayout
-    from ..tiny import TEMPLATE_TAGS
+    from ladr_rt.config import TokenLayout
+    from ladr_rt.tiny import TEMPLATE_TAGS
     from .scenes import WORDS
 
     base = 2 + len(WORDS) + len(TEMPLATE_TAGS)
@@ -77,14 +75,14 @@ def codebook(testbed: str = "v2") -> int:
 def palette_v3():
     """v3's decoder: the same PaletteVQ as v2, one flat colour per code (shaded interiors, rims
     blended over their background bucket), so a v3 checkpoint's vqvae/ decodes like v2's."""
-    from ..palette import PaletteVQ
+    from ladr_rt.palette import PaletteVQ
     from .scenes_v3 import code_rgb
 
     return PaletteVQ(code_rgb(), scale=16)
 
 
 def palette():
-    from ..palette import PaletteVQ
+    from ladr_rt.palette import PaletteVQ
     from .scenes import CODES, RGB, SUB
 
     return PaletteVQ([list(RGB["background"])] + [list(RGB[c]) for c in COLOURS], scale=16,
