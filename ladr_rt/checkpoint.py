@@ -352,7 +352,6 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes 0600; a checkpoint is meant to be shared
             for k, v in shard.items():
                 weight_map[k] = name
                 total += v.numel() * v.element_size()
@@ -363,6 +362,11 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
             vq.save_pretrained(str(tmp / "vqvae"))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        # safetensors (the shards, vqvae/'s weights) writes 0600; a checkpoint is meant to be
+        # shared, so every file gets what a plain open() gives.
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

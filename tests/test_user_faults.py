@@ -1,0 +1,116 @@
+"""A user's own files, signals and odd environments around the CLI and the Python API:
+init-tiny never touches what it did not write; Ctrl-C stops a run; stdout, file names and the
+working directory failing in one line; API arguments refused by name; unknown prompt words
+reported. Real `python -m ladr_rt.cli` processes where the item is about the process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_fixtures import one_line_error, run_cli_inproc as cli
+
+CLI = [sys.executable, "-m", "ladr_rt.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--d-model", "8", "--layers", "1"]
+
+
+def proc(*args, cwd=None, **kw):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=ENV,
+                          timeout=300, **kw)
+
+
+def one_line(stderr: str, *needles) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------- init-tiny and the user's files
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny"
+    assert cli("init-tiny", str(d), *TINY).exit_code == 0
+    return d
+
+
+@pytest.mark.parametrize("name", ["model-finetuned.safetensors", "tokenizer_notes.txt", "vqvae/my.safetensors",
+                                  "special_tokens_map.json"])
+def test_init_tiny_keeps_user_files_named_like_its_own(tiny_dir, name):
+    (tiny_dir / name).write_bytes(b"years of work")
+    before = tree(tiny_dir)
+    one_line_error(cli("init-tiny", str(tiny_dir), *TINY, "--seed", "1"), name, "nothing was changed")
+    assert tree(tiny_dir) == before
+
+
+def test_init_tiny_refuses_its_own_files_once_edited(tiny_dir):
+    cfg = tiny_dir / "config.json"
+    cfg.write_text(cfg.read_text().replace('"rope_theta": 500000.0', '"rope_theta": 10000.0'))
+    before = tree(tiny_dir)
+    one_line_error(cli("init-tiny", str(tiny_dir), *TINY, "--seed", "1"), "config.json changed", "nothing was changed")
+    assert tree(tiny_dir) == before
+
+
+def test_init_tiny_refuses_a_marker_without_digests(tiny_dir):
+    (tiny_dir / "LADR_TINY_CHECKPOINT").write_text("written by `ladr-rt init-tiny`; random weights\n")  # older ladr-rt
+    before = tree(tiny_dir)
+    one_line_error(cli("init-tiny", str(tiny_dir), *TINY), "does not list the files", "nothing was changed")
+    assert tree(tiny_dir) == before
+
+
+def test_init_tiny_rewrites_exactly_its_own_files_with_one_mode(tiny_dir):
+    before = tree(tiny_dir)
+    assert cli("init-tiny", str(tiny_dir), *TINY, "--seed", "1").exit_code == 0
+    after = tree(tiny_dir)
+    assert sorted(after) == sorted(before) and after != before
+    marker = json.loads(after["LADR_TINY_CHECKPOINT"])
+    assert set(marker["files"]) == set(after) - {"LADR_TINY_CHECKPOINT"}
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {n: (tiny_dir / n).stat().st_mode & 0o777 for n in after}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # the VQ weights too (safetensors writes 0600)
+    assert [p.name for p in tiny_dir.parent.iterdir()] == ["tiny"], "no temp or old dirs left"
+
+
+def test_init_tiny_dot_from_inside_keeps_the_directory(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    ino = d.stat().st_ino
+    for seed in ("0", "1"):  # into the empty directory, then over its own files
+        r = proc("init-tiny", ".", *TINY, "--seed", seed, cwd=d)
+        assert r.returncode == 0, r.stderr
+    assert d.stat().st_ino == ino, "the shell's working directory is the same directory, not a deleted one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no '..old.*' or temp directory left"
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+    assert (d / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_init_tiny_through_a_symlink_to_a_directory(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    r = cli("init-tiny", str(link), *TINY)
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and (real / "config.json").is_file()
+    assert cli("init-tiny", str(link), *TINY, "--seed", "1").exit_code == 0  # and again, over its own files
+    f = tmp_path / "f"
+    f.write_text("x")
+    bad = tmp_path / "bad"
+    bad.symlink_to(f)
+    one_line_error(cli("init-tiny", str(bad), *TINY), "symlink", "not a directory")
+    assert f.read_text() == "x"
