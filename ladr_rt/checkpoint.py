@@ -321,7 +321,30 @@ def load_tokenizer(path: str | os.PathLike):
                               "tokenizer_config.json from the checkpoint's source") from None
     if isinstance(tok, bool) or not callable(tok):
         raise CheckpointError(f"{p}: the tokenizer files do not describe a tokenizer; restore them")
+    check_tokenizer(tok, read_config(p).layout, p)
     return tok
+
+
+def check_tokenizer(tok, layout, where) -> None:
+    """The tokenizer must be this checkpoint's: the unconditional template has to come out with
+    config.json's ``<uncondition>`` id (another model's tokenizer gives its own id, and guidance
+    then runs against a row the model never saw, with no error anywhere)."""
+    from .tokens import TOKENIZER_LOCK
+
+    text = layout.uncond_template.format(system=layout.system_prompt)
+    try:
+        with TOKENIZER_LOCK:
+            ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file fails in many ways
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{where}: the tokenizer cannot encode the unconditional template ({first}); restore "
+                              "tokenizer.json / tokenizer_config.json from the checkpoint's source") from None
+    if layout.uncondition not in ids:
+        got = tok.convert_tokens_to_ids("<uncondition>") if "<uncondition>" in text else None
+        said = f"maps <uncondition> to id {got}" if isinstance(got, int) else "does not produce it"
+        raise CheckpointError(f"{where}: the tokenizer {said}, but config.json's uncondition id is "
+                              f"{layout.uncondition}: these tokenizer files belong to another model; restore "
+                              "tokenizer.json / tokenizer_config.json from this checkpoint's source")
 
 
 # ---------------------------------------------------------------- writing

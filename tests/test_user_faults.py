@@ -114,3 +114,21 @@ def test_init_tiny_through_a_symlink_to_a_directory(tmp_path):
     bad.symlink_to(f)
     one_line_error(cli("init-tiny", str(bad), *TINY), "symlink", "not a directory")
     assert f.read_text() == "x"
+
+
+# ----------------------------------------------------------------- another model's tokenizer
+
+def test_another_models_tokenizer_is_refused_at_load(tiny_ckpt, tmp_path):
+    from ladr_rt.testbed import model_dir as shipped
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for f in tiny_ckpt.iterdir():
+        (d / f.name).symlink_to(f)
+    for f in shipped().glob("tokenizer*"):  # the shipped model's tokenizer: <uncondition> is its id 37
+        (d / f.name).unlink(missing_ok=True)
+        (d / f.name).symlink_to(f)
+    out = tmp_path / "o.png"
+    one_line_error(cli("generate", "--model", str(d), "--prompt", "a red circle", "--out", str(out), "--no-progress"),
+                   "<uncondition> to id 37", "126351", "another model", "restore tokenizer.json")
+    assert not out.exists()
