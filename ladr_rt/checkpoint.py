@@ -20,6 +20,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """The eager model's precision, for the CLI and the Python API alike. ``None``/``"auto"``:
+    bf16 on CUDA (an 8B model in fp32 is 32 GB, and DiMOO is published in bf16), fp32 on the
+    CPU (whose bf16 matmuls are slow or emulated); a name from DTYPES or a torch dtype: that."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or the matching torch dtype, got {dtype!r}")
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used as it is; the message names the fix."""
 

@@ -86,11 +86,9 @@ def _device_dtype(device: str, dtype: str):
             raise UserError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     elif d.type != "cpu":
         raise UserError(f"--device {device!r}: ladr-rt runs on cpu or cuda")
-    if dtype == "auto":
-        dtype = "bf16" if d.type == "cuda" else "fp32"
-    from .checkpoint import DTYPES
+    from .checkpoint import resolve_dtype
 
-    return device, DTYPES[dtype]
+    return device, resolve_dtype(dtype, d)
 
 
 LADR_HELP = ("LADR phase table, KEY=VALUE pairs separated by commas (repeatable), for --sampler ladr or "

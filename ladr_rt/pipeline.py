@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from .samplers import RunState, make_sampler
-from .tokens import SequenceLayout, build_rows, write_image_tokens
+from .tokens import SequenceLayout, build_rows, check_prompt, write_image_tokens
 from .vq import to_uint8
 
 
@@ -38,6 +40,45 @@ class GenerationResult:
     evaluations: int  # denoiser calls
     seconds: float  # prompt to codes (excludes VQ decode)
     decode_seconds: float
+
+
+def plain(v):
+    """A numpy scalar as the Python number it holds (seeds from np.random, guidance from numpy
+    arithmetic); anything else as it is, for the validation that follows to judge."""
+    return v.item() if isinstance(v, np.generic) and not isinstance(v, np.bool_) else v
+
+
+def plain_config(cfg) -> SamplerConfig:
+    """``cfg`` with numpy scalars in its number fields made plain; TypeError for a non-config."""
+    if not isinstance(cfg, SamplerConfig):
+        raise TypeError(f"cfg must be a ladr_rt.SamplerConfig, got {type(cfg).__name__}; leave it out for the "
+                        "defaults")
+    changes = {k: plain(getattr(cfg, k)) for k in ("steps", "cfg", "temperature", "seed")
+               if isinstance(getattr(cfg, k), np.generic)}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _path_arg(v, name: str, required: bool = False):
+    if v is None and not required:
+        return None
+    if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes) and str(v):
+        return v
+    raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {type(v).__name__} {v!r:.40}")
+
+
+def _int_arg(v, name: str):
+    """numpy integers accepted as ints; None passes (the caller's default); other types refused."""
+    v = plain(v)
+    if v is None or (isinstance(v, int) and not isinstance(v, bool)):
+        return v
+    raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+
+
+def _batch_arg(batch) -> int:
+    batch = _int_arg(batch, "batch")
+    if batch is None or batch < 1:
+        raise ValueError(f"batch must be a positive integer (prompts per call), got {batch!r}")
+    return batch
 
 
 class LadrPipeline:
@@ -68,15 +109,21 @@ class LadrPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
-                        prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        prompt_budget: int | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu",
                         batch: int = 1) -> "LadrPipeline":
         """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
         ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default."""
-        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
+        ``prompt_budget`` None: ``ImageSpec``'s default; ``dtype`` None: the CLI's ``--dtype auto``
+        (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``)."""
+        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config, resolve_dtype
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
+        model_dir = _path_arg(model_dir, "model_dir")
+        height, width, prompt_budget = (_int_arg(v, k) for k, v in (("height", height), ("width", width),
+                                                                      ("prompt_budget", prompt_budget)))
+        batch = _batch_arg(batch)
+        dtype = resolve_dtype(dtype, device)
         if model_dir is None:
             from .testbed import model_dir as shipped
 
@@ -113,6 +160,8 @@ class LadrPipeline:
         from .engines import check_manifest, load_denoiser, read_manifest
         from .vq import load_vq
 
+        engine, model_dir = _path_arg(engine, "engine", required=True), _path_arg(model_dir, "model_dir")
+        height, width, prompt_budget, batch = map(plain, (height, width, prompt_budget, batch))
         for flag, v in (("--height", height), ("--width", width), ("--prompt-budget", prompt_budget),
                         ("--batch", batch)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -213,6 +262,10 @@ class LadrPipeline:
     def prompt_rows(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt's cond and uncond rows, checked: ids [2, L], key_mask [2, L] (host work,
         done before a slot is taken)."""
+        check_prompt(prompt)  # None would build the unconditional rows: an image nobody asked for
+        return self._rows(prompt)
+
+    def _rows(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         ids, key_mask = build_rows(self.tokenizer, [prompt], self.seq)
         if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
             raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
@@ -225,7 +278,7 @@ class LadrPipeline:
         unconditional prompt so that their (discarded) evaluation stays finite."""
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
-        ids, key_mask = self.prompt_rows(None)
+        ids, key_mask = self._rows(None)
         self.ids.copy_(ids[1:].expand_as(self.ids))
         self.key_mask.copy_(key_mask[1:].expand_as(self.key_mask))
         for b in range(self.batch):
@@ -263,7 +316,12 @@ class LadrPipeline:
         if self.owner is not None:
             raise RuntimeError("this pipeline's slots belong to a serve.Scheduler: submit the prompt to it, or close "
                                "the scheduler first")
+        if not isinstance(prompts, (str, list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            check_prompt(p)
+        cfg = plain_config(cfg)
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
         ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)

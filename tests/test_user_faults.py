@@ -132,3 +132,75 @@ def test_another_models_tokenizer_is_refused_at_load(tiny_ckpt, tmp_path):
     one_line_error(cli("generate", "--model", str(d), "--prompt", "a red circle", "--out", str(out), "--no-progress"),
                    "<uncondition> to id 37", "126351", "another model", "restore tokenizer.json")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------- Python API arguments
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    from ladr_rt.pipeline import LadrPipeline
+
+    return LadrPipeline.from_pretrained(tiny_ckpt, 48, 80)
+
+
+@pytest.mark.parametrize("kw,exc,needle", [({"batch": 0}, ValueError, "batch"), ({"batch": -1}, ValueError, "batch"),
+                                           ({"batch": 1.5}, TypeError, "batch"), ({"height": "48"}, TypeError, "height"),
+                                           ({"dtype": "int8"}, ValueError, "dtype")])
+def test_from_pretrained_refuses_bad_arguments_by_name(tiny_ckpt, kw, exc, needle):
+    from ladr_rt.pipeline import LadrPipeline
+
+    with pytest.raises(exc, match=needle):
+        LadrPipeline.from_pretrained(tiny_ckpt, **kw)
+
+
+@pytest.mark.parametrize("model_dir", [123, b"/tmp", ["a"], ""])
+def test_from_pretrained_refuses_a_non_path_model_dir(model_dir):
+    from ladr_rt.pipeline import LadrPipeline
+
+    with pytest.raises(TypeError, match="model_dir must be a directory path"):
+        LadrPipeline.from_pretrained(model_dir)
+
+
+def test_one_default_dtype_for_the_api_and_the_cli(tiny_ckpt):
+    import inspect
+
+    import torch
+    from ladr_rt.checkpoint import resolve_dtype
+    from ladr_rt.cli import _device_dtype
+    from ladr_rt.pipeline import LadrPipeline
+
+    assert inspect.signature(LadrPipeline.from_pretrained).parameters["dtype"].default is None
+    assert resolve_dtype(None, "cuda:1") == resolve_dtype("auto", "cuda") == torch.bfloat16  # an 8B model: 16 GB, not 32
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert _device_dtype("cpu", "auto") == ("cpu", torch.float32)
+    p = LadrPipeline.from_pretrained(tiny_ckpt, 48, 80, dtype="bf16")
+    assert next(p.denoiser.model.parameters()).dtype == torch.bfloat16
+
+
+def test_call_refuses_a_none_config_and_accepts_numpy_scalars(pipe):
+    from ladr_rt.config import SamplerConfig
+
+    with pytest.raises(TypeError, match="cfg must be a ladr_rt.SamplerConfig"):
+        pipe("a red circle", None)
+    with pytest.raises(TypeError, match="prompts"):
+        pipe(None, SamplerConfig(steps=2))
+    want = pipe("a red circle", SamplerConfig(steps=4, seed=3, cfg=2.5, temperature=0.5)).codes
+    got = pipe("a red circle", SamplerConfig(steps=np.int64(4), seed=np.int64(3), cfg=np.float32(2.5),
+                                             temperature=np.float32(0.5)))
+    assert np.array_equal(got.codes, want)
+    assert type(got.trace["cfg"]) is float
+
+
+def test_scheduler_refuses_a_none_prompt_and_takes_numpy_seeds(pipe):
+    from ladr_rt.config import SamplerConfig
+    from ladr_rt.serve.scheduler import Scheduler
+    from ladr_rt.tokens import PromptError
+
+    want = pipe("a red circle", SamplerConfig(steps=4, seed=3, cfg=2.5)).codes[0]
+    with Scheduler(pipe, SamplerConfig(steps=4), start=False) as sched:
+        fut = sched.submit(None)
+        assert isinstance(fut.exception(0), PromptError) and "prompt must be text" in str(fut.exception(0))
+        assert sched.waiting == 0
+        fut = sched.submit("a red circle", seed=np.int64(3), cfg=np.float32(2.5), steps=np.int64(4))
+        sched.run_until_idle()
+        assert np.array_equal(fut.result(0).codes, want)
