@@ -5,6 +5,7 @@ import io
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -91,6 +92,69 @@ def _device_dtype(device: str, dtype: str):
     return device, resolve_dtype(dtype, d)
 
 
+# A run estimated past a minute says so before it starts; under LONG_RUN_FLOPS no device
+# reaches a minute (it would take < 17 GFLOP/s), so nothing is measured.
+LONG_RUN_SECONDS = 60.0
+LONG_RUN_FLOPS = 1e12
+# After Ctrl-C/SIGTERM the run stops at its next step boundary; one evaluation that is still
+# running after this long (a huge size on a CPU) is not waited for: the process exits, and as
+# nothing is written before sampling ends, nothing is left behind.
+STOP_GRACE_SECONDS = 2.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+def _interrupt_line(e: BaseException) -> tuple[str, int]:
+    """What a stopped run says, and its exit code: 130 for Ctrl-C, 128 + N for SIGTERM/SIGHUP."""
+    if isinstance(e, Interrupted):
+        return f"Error: {e.message}", e.code
+    return "Error: interrupted (Ctrl-C); no output was written", 130
+
+
+def _interruptible(work):
+    """``work(stop)`` on a worker thread while this (main) thread waits for it, so Ctrl-C and
+    SIGTERM are handled at once even while one evaluation runs for minutes in C (Python runs
+    signal handlers only between bytecodes of the main thread). On a signal: ``stop`` is set
+    (the pipeline ends at its next step), and if the step in flight is not through within
+    STOP_GRACE_SECONDS the process exits without waiting for it."""
+    stop, done = threading.Event(), threading.Event()
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = work(stop)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    # Waited for through an Event, not Thread.join: a join interrupted by a signal marks the
+    # thread stopped while it still runs (Python 3.11, bpo-45274's fix).
+    threading.Thread(target=run, name="ladr-rt-generate", daemon=True).start()
+    try:
+        while not done.wait(0.1):  # a timed wait: the main thread wakes to run signal handlers
+            pass
+    except BaseException as e:
+        stop.set()
+        if not done.wait(STOP_GRACE_SECONDS):
+            line, code = _interrupt_line(e)
+            click.echo(line, err=True)
+            sys.stderr.flush()
+            os._exit(code)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 LADR_HELP = ("LADR phase table, KEY=VALUE pairs separated by commas (repeatable), for --sampler ladr or "
              "ladr-delayed: e.g. tau_refine=0.05,alpha_refine=0.3. Keys, with the paper's values (the default): "
              + LadrParams().table().replace(",", ", ") + ". tau_* and alpha_* and the phase bounds are 0 to 1, "
@@ -133,12 +197,10 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Error: interrupted (Ctrl-C); no output was written", err=True)
-            sys.exit(130)
-        except Interrupted as e:  # SIGTERM/SIGHUP, unwound: say what was left, exit 128 + signal
-            click.echo(f"Error: {e.message}", err=True)
-            sys.exit(e.code)
+        except (click.Abort, Interrupted) as e:  # Ctrl-C; SIGTERM/SIGHUP unwound: say what was left
+            line, code = _interrupt_line(e)
+            click.echo(line, err=True)
+            sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -220,8 +282,18 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         else:
             dev, dt = _device_dtype(device, dtype)
             pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
-        res = pipe(prompt, scfg, progress=progress)
         dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
+        warning = pipe.prompt_warning(prompt)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        flops = pipe.sampling_flops(scfg)
+        if flops is not None and flops > LONG_RUN_FLOPS:  # only then is the ~0.3 s measurement worth it
+            est = pipe.estimate_seconds(scfg)
+            if est > LONG_RUN_SECONDS:
+                click.echo(f"ladr-rt generate: {height}x{width} with {steps} steps on {dev} is {flops / 1e12:,.0f} TFLOP:"
+                           f" at least {_duration(est)} at this device's measured matmul rate; Ctrl-C stops it "
+                           "(a smaller --height/--width or fewer --steps is faster)", err=True)
+        res = _interruptible(lambda stop: pipe(prompt, scfg, progress=progress, stop=stop))
     except ValueError as e:  # CheckpointError, EngineError, PromptError, NonFiniteLogits, ...
         raise UserError(str(e)) from None
     except OSError as e:

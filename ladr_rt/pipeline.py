@@ -20,8 +20,12 @@ from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from .samplers import RunState, make_sampler
-from .tokens import SequenceLayout, build_rows, check_prompt, write_image_tokens
+from .tokens import SequenceLayout, build_rows, check_prompt, unknown_words, vocabulary, write_image_tokens
 from .vq import to_uint8
+
+
+class GenerationStopped(Exception):
+    """The caller's ``stop`` event was set: the run ended at a step boundary, nothing returned."""
 
 
 class NonFiniteLogits(ValueError):
@@ -40,6 +44,7 @@ class GenerationResult:
     evaluations: int  # denoiser calls
     seconds: float  # prompt to codes (excludes VQ decode)
     decode_seconds: float
+    warnings: list = dataclasses.field(default_factory=list)  # one line per prompt with unknown words (prompt_warning)
 
 
 def plain(v):
@@ -56,6 +61,28 @@ def plain_config(cfg) -> SamplerConfig:
     changes = {k: plain(getattr(cfg, k)) for k in ("steps", "cfg", "temperature", "seed")
                if isinstance(getattr(cfg, k), np.generic)}
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+_FLOPS: dict = {}
+
+
+def device_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Matmul FLOP/s on ``device`` in ``dtype``, best of three (measured once per process; ~ms)."""
+    key = (str(device), dtype)
+    if key not in _FLOPS:
+        n = 4096 if device.type == "cuda" else 1024  # large enough to reach the device's matmul rate
+        a = torch.randn(n, n, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ a
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        _FLOPS[key] = 2 * n ** 3 / max(best, 1e-9)
+    return _FLOPS[key]
 
 
 def _path_arg(v, name: str, required: bool = False):
@@ -142,8 +169,10 @@ class LadrPipeline:
         vq = load_vq(model_dir, device, cfg.layout)
         model = load_model(model_dir, dtype=dtype, device=device)
         seq = SequenceLayout(spec, cfg.layout)
-        return cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
+        pipe = cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
                    cfg.vocab_size)
+        pipe.model_config = cfg
+        return pipe
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
@@ -175,8 +204,26 @@ class LadrPipeline:
         spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
         tokenizer = load_tokenizer(model_dir)
         denoiser = load_denoiser(m, device)
-        return cls(denoiser, tokenizer, load_vq(model_dir, denoiser.device, cfg.layout), cfg.layout, spec,
+        pipe = cls(denoiser, tokenizer, load_vq(model_dir, denoiser.device, cfg.layout), cfg.layout, spec,
                    a["batch"], cfg.default_cfg, cfg.vocab_size)
+        pipe.model_config = cfg
+        return pipe
+
+    model_config: ModelConfig | None = None  # set by from_pretrained/from_engine: sizes for estimate_seconds
+
+    def sampling_flops(self, cfg: SamplerConfig) -> float | None:
+        """FLOPs of ``cfg.steps`` evaluations at this size (``ModelConfig.flops_per_eval``, cond and
+        uncond rows); None without a model config."""
+        if self.model_config is None:
+            return None
+        return self.model_config.flops_per_eval(self.seq.seq_len, self.seq.n_image, 2 * self.batch) * cfg.steps
+
+    def estimate_seconds(self, cfg: SamplerConfig) -> float | None:
+        """A lower bound on sampling time: ``sampling_flops`` over a large matmul's throughput
+        measured on this device (~0.3 s on a CPU; small models and attention reach less). For
+        saying, before a run that would take hours, that it will."""
+        flops = self.sampling_flops(cfg)
+        return None if flops is None else flops / device_flops(self.denoiser.device, self.logits.dtype)
 
     def _state(self, T: int) -> RunState:
         h, w = self.seq.grid
@@ -296,23 +343,43 @@ class LadrPipeline:
             self.key_mask[r].copy_(key_mask[row])
         state.admit(slot, seed, steps, guidance)
 
+    # Past this many words the vocabulary is named by its command, not listed in the warning.
+    LIST_VOCAB_UP_TO = 80
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        """One line naming the prompt's words the model does not know (they are dropped: the
+        image ignores them) and its vocabulary, or None. Cheap (one tokenizer call): the CLI
+        prints it, __call__ returns it in ``warnings``, a server can put it in its response."""
+        words = unknown_words(self.tokenizer, prompt)
+        if not words:
+            return None
+        vocab = vocabulary(self.tokenizer)
+        shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+        known = (f"it knows these {len(vocab)}: {' '.join(vocab)}" if len(vocab) <= self.LIST_VOCAB_UP_TO
+                 else "`ladr-rt vocab --model DIR` lists the words it knows")
+        return f"the model does not know {shown}, so the image ignores {'it' if len(words) == 1 else 'them'}; {known}"
+
     def decode(self, codes: torch.Tensor) -> list:
         """codes [n, H, W] -> PIL images."""
         from PIL import Image
 
         return [Image.fromarray(a) for a in to_uint8(self.vq.decode(codes))]
 
-    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
+    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None,
+                       stop: threading.Event | None = None):
         """``on_step(sampler)``, if given, runs on the host after every step (the run-state then
         holds that step's z, M, M_prev, P, delta, frontier and rescued): for diagnostics, not
-        for serving, since whatever it reads back costs a sync per step."""
+        for serving, since whatever it reads back costs a sync per step. ``stop``, if given, is
+        read between steps: once set, the run raises GenerationStopped after the step in flight
+        (a thread running the pipeline is stopped this way; the main thread's Ctrl-C stops it too)."""
         dev = self.denoiser.device
         # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
         # denoiser's device, also for cuda:N with N > 0.
         with self._lock, (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
-            return self._generate_codes(prompts, cfg, progress, on_step)
+            return self._generate_codes(prompts, cfg, progress, on_step, stop)
 
-    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
+    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None,
+                        stop: threading.Event | None = None):
         if self.owner is not None:
             raise RuntimeError("this pipeline's slots belong to a serve.Scheduler: submit the prompt to it, or close "
                                "the scheduler first")
@@ -345,17 +412,25 @@ class LadrPipeline:
         sync()
         t0 = time.perf_counter()
         evals = 0
-        while evals < cfg.steps and state.keep_going():  # the one host read per step
-            step()
-            evals += 1
-            if on_step is not None:
-                on_step(sampler)
+        try:
+            while evals < cfg.steps and state.keep_going():  # the one host read per step
+                if stop is not None and stop.is_set():  # a host flag: no device sync
+                    raise GenerationStopped(f"stopped after {evals} of at most {cfg.steps} steps")
+                step()
+                evals += 1
+                if on_step is not None:
+                    on_step(sampler)
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
+                # LADR ends before T: the bar closes at the steps that ran (12/12), not at 12/64
+                # with an ETA for steps that will never come.
+                bar.total = evals
+                bar.refresh()
+                bar.close()
         sync()
         seconds = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
         if state.saw_nonfinite():
             raise NonFiniteLogits(
                 f"the {self.denoiser.name} denoiser returned NaN/inf logits within the first {evals} evaluation(s), "
@@ -369,14 +444,15 @@ class LadrPipeline:
         return state.z.view(self.batch, h, w).clone(), trace, evals, seconds
 
     def __call__(self, prompts: str | list[str], cfg: SamplerConfig = SamplerConfig(),
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, stop: threading.Event | None = None) -> GenerationResult:
         from PIL import Image
 
-        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress)  # holds the lock
+        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress, stop=stop)  # holds the lock
         t0 = time.perf_counter()
         rgb = to_uint8(self.vq.decode(codes))
         decode_seconds = time.perf_counter() - t0
         trace["evaluations"] = evals
         trace["seconds"] = seconds
+        warnings = [w for p in ([prompts] if isinstance(prompts, str) else prompts) if (w := self.prompt_warning(p))]
         return GenerationResult([Image.fromarray(a) for a in rgb], codes.cpu().numpy(), trace, evals, seconds,
-                                decode_seconds)
+                                decode_seconds, warnings)

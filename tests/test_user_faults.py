@@ -204,3 +204,74 @@ def test_scheduler_refuses_a_none_prompt_and_takes_numpy_seeds(pipe):
         fut = sched.submit("a red circle", seed=np.int64(3), cfg=np.float32(2.5), steps=np.int64(4))
         sched.run_until_idle()
         assert np.array_equal(fut.result(0).codes, want)
+
+
+# ----------------------------------------------------------------- Ctrl-C and long steps
+
+# `ladr-rt` with an evaluation that spends ~30 s in one C call that releases the GIL (as one
+# torch op of a huge size on a CPU does): Python would run a signal handler only after it.
+SLOW_STEP = """
+import hashlib, sys
+import ladr_rt.denoiser as d
+real = d.EagerDenoiser.__call__
+def slow(self, *a):
+    sys.stderr.write("STEP\\n"); sys.stderr.flush()
+    hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20_000_000)
+    return real(self, *a)
+d.EagerDenoiser.__call__ = slow
+from ladr_rt.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig,code,needle", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_signal_stops_generate_during_a_long_step(tiny_ckpt, tmp_path, sig, code, needle):
+    out = tmp_path / "o.png"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_STEP, "generate", "--model", str(tiny_ckpt), "--prompt", "a cat",
+                          "--height", "48", "--width", "80", "--steps", "4", "--out", str(out), "--no-progress"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert p.stderr.readline() == "STEP\n"  # in the first evaluation
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        rc = p.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()
+    err = p.stderr.read()
+    assert rc == code, (rc, err)
+    assert took < 8, f"stopped {took:.1f} s after the signal, not within the step's grace"
+    one_line(err, needle, "no output was written")
+    assert sorted(x.name for x in tmp_path.iterdir()) == [], "nothing written, no temp file"
+
+
+def test_a_stop_event_ends_the_run_at_the_next_step(pipe):
+    import threading
+
+    from ladr_rt.config import SamplerConfig
+    from ladr_rt.pipeline import GenerationStopped
+
+    stop, steps = threading.Event(), []
+
+    def on_step(sampler):
+        steps.append(1)
+        if len(steps) == 2:
+            stop.set()
+
+    with pytest.raises(GenerationStopped, match="after 2 of at most 64 steps"):
+        pipe.generate_codes("a red circle", SamplerConfig(steps=64, cfg=2.0), on_step=on_step, stop=stop)
+    assert len(steps) == 2
+    assert pipe("a red circle", SamplerConfig(steps=3)).evaluations == 3, "the pipeline is usable after a stop"
+
+
+def test_progress_bar_closes_at_the_steps_that_ran(tiny_ckpt, tmp_path):
+    r = cli("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width", "80",
+            "--steps", "64", "--progress", "--out", str(tmp_path / "o.png"))
+    assert r.exit_code == 0, r.output
+    evals = int(r.stdout.split(": ")[1].split()[0])
+    assert evals < 64
+    last = r.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{evals}/{evals}" in last and "/64" not in last, last
