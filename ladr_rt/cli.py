@@ -217,7 +217,9 @@ def main() -> None:
 @click.option("--engine", default=None,
               help="Run an engine from `ladr-rt build --out engines/NAME` instead of the eager model; --model, "
                    "--height, --width and --prompt-budget then default to the engine's.")
-@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--prompt", required=True,
+              help="Text prompt. Words the model does not know are ignored, with a warning; `ladr-rt vocab "
+                   "[--model DIR]` lists the ones it knows.")
 @click.option("--height", type=int, default=None,
               help="Image height in pixels (multiple of 16)  [default: the model's default size]")
 @click.option("--width", type=int, default=None,
@@ -329,6 +331,25 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         raise UserError(f"writing {e.filename or out} failed ({e.strerror or e}); nothing was written") from None
     click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
                f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=str, default=None,
+              help="Hugging Face checkpoint directory.  [default: the testbed model shipped in the package]")
+def vocab(model_dir) -> None:
+    """List the words the model's tokenizer knows, one per line (prompt words outside it are ignored)."""
+    from .checkpoint import load_tokenizer
+    from .tokens import vocabulary
+
+    if model_dir is None:
+        from .testbed import model_dir as shipped
+
+        model_dir = shipped()
+    try:
+        words = vocabulary(load_tokenizer(model_dir))
+    except ValueError as e:  # CheckpointError
+        raise UserError(str(e)) from None
+    click.echo("\n".join(words))
 
 
 @main.command()

@@ -275,3 +275,38 @@ def test_progress_bar_closes_at_the_steps_that_ran(tiny_ckpt, tmp_path):
     assert evals < 64
     last = r.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert f"{evals}/{evals}" in last and "/64" not in last, last
+
+
+# ----------------------------------------------------------------- unknown prompt words
+
+def test_unknown_words_are_named_in_one_warning_line(tmp_path):
+    out = tmp_path / "o.png"
+    r = cli("generate", "--prompt", "a cat sitting on a red sofa", "--steps", "4", "--no-progress", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), r.stderr
+    for w in ("'cat'", "'sitting'", "'on'", "'sofa'", "it knows these 31", "circle"):
+        assert w in lines[0], lines[0]
+    assert "'red'" not in lines[0] and out.is_file()
+    r = cli("generate", "--prompt", "a red circle", "--steps", "4", "--no-progress", "--out", str(out))
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert "ladr-rt vocab" in cli("generate", "--help").stdout
+
+
+def test_unknown_words_come_back_in_the_api_result():
+    from ladr_rt.config import SamplerConfig
+    from ladr_rt.pipeline import LadrPipeline
+
+    pipe = LadrPipeline.from_pretrained(batch=2)
+    res = pipe(["a cat above a red circle", "a blue square"], SamplerConfig(steps=2))
+    assert len(res.warnings) == 1 and "'cat'" in res.warnings[0] and "'above'" not in res.warnings[0]
+    assert pipe.prompt_warning("two blue squares") is None
+
+
+def test_vocab_lists_the_words(tiny_ckpt):
+    r = cli("vocab")
+    assert r.exit_code == 0
+    words = r.stdout.split()
+    assert len(words) == 31 and {"red", "circle", "above"} <= set(words) and "<uncondition>" not in words
+    r = cli("vocab", "--model", str(tiny_ckpt))
+    assert r.exit_code == 0 and "cat" in r.stdout.split() and "<user>" not in r.stdout
