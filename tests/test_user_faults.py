@@ -310,3 +310,25 @@ def test_vocab_lists_the_words(tiny_ckpt):
     assert len(words) == 31 and {"red", "circle", "above"} <= set(words) and "<uncondition>" not in words
     r = cli("vocab", "--model", str(tiny_ckpt))
     assert r.exit_code == 0 and "cat" in r.stdout.split() and "<user>" not in r.stdout
+
+
+# ----------------------------------------------------------------- --help is quick
+
+HELP_IMPORTS = """
+import sys
+from ladr_rt.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("IMPORTED:" + " ".join(m for m in ("torch", "transformers", "numpy", "PIL", "safetensors") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["serve", "--help"], ["build", "--help"],
+                                  ["init-tiny", "--help"], ["--version"]])
+def test_help_imports_no_torch(args):
+    r = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == "IMPORTED:", f"`ladr-rt {' '.join(args)}` imported {last}"
