@@ -33,6 +33,14 @@ def _writable(path: str, flag: str) -> Path:
         raise UserError(f"{flag} needs a file name")
     p = Path(path)
     real = Path(os.path.realpath(p))  # a symlink is written through to its target
+    try:
+        limit = os.pathconf(real.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    n = len(os.fsencode(real.name))
+    if n > limit:
+        raise UserError(f"{flag}: the file name {real.name[:24]}… is {n} bytes, over this file system's limit of "
+                        f"{limit}; use a shorter name")
     if real.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name")
     if real.exists() and not real.is_file():
@@ -45,6 +53,27 @@ def _writable(path: str, flag: str) -> Path:
         raise UserError(f"{flag} {path}: cannot create files in {p.parent} ({e.strerror or e}); choose another "
                         "path") from None
     return real
+
+
+def _report(line: str, done: str) -> None:
+    """The command's stdout line, after its work: stdout on a full device or closed early
+    (``| head -c0``) is one line on stderr saying what was done, and exit 1 (the report is lost)."""
+    try:
+        click.echo(line)
+    except OSError as e:
+        _drop_stdout()
+        raise UserError(f"{done}, but its report could not go to stdout ({e.strerror or e})") from None
+
+
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's flush at exit does not fail again (a
+    second message and exit code 120)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # in-process runners give stdout without a descriptor
+        pass
 
 
 def _image_format(path: Path) -> str:
@@ -186,6 +215,12 @@ class OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
+            os.getcwd()
+        except OSError:  # deleted under us: torch's oneMKL would abort at import with "FATAL ERROR"
+            click.echo("Error: the current directory no longer exists (deleted?); cd to an existing directory "
+                       "and run the command again", err=True)
+            sys.exit(1)
+        try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
         except NO_ARGS_IS_HELP as e:  # bare `ladr-rt`: the help text is the answer
             e.show()
@@ -197,6 +232,10 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
+        except OSError as e:  # commands turn their own OSErrors into one line: this is stdout (--help | head -c0)
+            _drop_stdout()
+            click.echo(f"Error: cannot write to stdout ({e.strerror or e})", err=True)
+            sys.exit(1)
         except (click.Abort, Interrupted) as e:  # Ctrl-C; SIGTERM/SIGHUP unwound: say what was left
             line, code = _interrupt_line(e)
             click.echo(line, err=True)
@@ -329,8 +368,9 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         atomic_write_all(files)
     except OSError as e:
         raise UserError(f"writing {e.filename or out} failed ({e.strerror or e}); nothing was written") from None
-    click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
-               f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})")
+    _report(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
+            f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})",
+            f"{', '.join(str(outputs[f]) for f in paths)} written")
 
 
 @main.command()
@@ -418,7 +458,7 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{out_dir}: {e.strerror or e}; choose a writable directory") from None
-    click.echo(f"wrote tiny checkpoint to {p} (random weights: its images are noise)")
+    _report(f"wrote tiny checkpoint to {p} (random weights: its images are noise)", f"{p} written")
 
 
 @main.command()

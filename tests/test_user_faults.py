@@ -332,3 +332,49 @@ def test_help_imports_no_torch(args):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last == "IMPORTED:", f"`ladr-rt {' '.join(args)}` imported {last}"
+
+
+# ----------------------------------------------------------------- stdout, file names, working directory
+
+QUICK = ["generate", "--prompt", "a red circle", "--steps", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("how", ["full", "closed"])
+def test_stdout_failing_after_the_image_is_one_line_and_exit_1(tmp_path, how):
+    out = tmp_path / "o.png"
+    if how == "full":
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(CLI + QUICK + ["--out", str(out)], stdout=full, stderr=subprocess.PIPE, text=True,
+                               env=ENV, timeout=300)
+        rc, err = r.returncode, r.stderr
+    else:  # `| head -c0`: the reader is gone before the report line
+        p = subprocess.Popen(CLI + QUICK + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV)
+        p.stdout.close()
+        err = p.stderr.read()
+        rc = p.wait(timeout=300)
+    assert rc == 1, err
+    one_line(err, "o.png written", "could not go to stdout",
+             "No space left on device" if how == "full" else "Broken pipe")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_names_at_and_over_the_file_system_limit(tmp_path):
+    longest = tmp_path / ("a" * 251 + ".png")  # 255 bytes: legal, though its temp name would not be
+    r = cli(*QUICK, "--out", str(longest))
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name], "written, no temp file left"
+    over = tmp_path / ("b" * 252 + ".png")
+    one_line_error(cli(*QUICK, "--out", str(over)), "--out", "256 bytes", "limit of 255", "shorter name")
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name]
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    d = tmp_path / "gone"
+    d.mkdir()
+    script = 'cd "$1" && rmdir "$1" && shift && exec "$@"'
+    r = subprocess.run(["sh", "-c", script, "sh", str(d), *CLI, *QUICK, "--out", str(tmp_path / "o.png")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1, r.stderr
+    one_line(r.stderr, "current directory no longer exists", "cd to an existing directory")
+    assert "oneMKL" not in r.stderr and not (tmp_path / "o.png").exists()
