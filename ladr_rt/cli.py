@@ -331,9 +331,9 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         if flops is not None and flops > LONG_RUN_FLOPS:  # only then is the ~0.3 s measurement worth it
             est = pipe.estimate_seconds(scfg)
             if est > LONG_RUN_SECONDS:
-                click.echo(f"ladr-rt generate: {height}x{width} with {steps} steps on {dev} is {flops / 1e12:,.0f} TFLOP:"
-                           f" at least {_duration(est)} at this device's measured matmul rate; Ctrl-C stops it "
-                           "(a smaller --height/--width or fewer --steps is faster)", err=True)
+                click.echo(f"ladr-rt generate: {height}x{width} with {steps} steps on {dev} is "
+                           f"{flops / 1e12:,.0f} TFLOP: at least {_duration(est)} at this device's measured matmul "
+                           "rate; Ctrl-C stops it (a smaller --height/--width or fewer --steps is faster)", err=True)
         res = _interruptible(lambda stop: pipe(prompt, scfg, progress=progress, stop=stop))
     except ValueError as e:  # CheckpointError, EngineError, PromptError, NonFiniteLogits, ...
         raise UserError(str(e)) from None

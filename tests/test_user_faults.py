@@ -143,9 +143,9 @@ def pipe(tiny_ckpt):
     return LadrPipeline.from_pretrained(tiny_ckpt, 48, 80)
 
 
-@pytest.mark.parametrize("kw,exc,needle", [({"batch": 0}, ValueError, "batch"), ({"batch": -1}, ValueError, "batch"),
-                                           ({"batch": 1.5}, TypeError, "batch"), ({"height": "48"}, TypeError, "height"),
-                                           ({"dtype": "int8"}, ValueError, "dtype")])
+@pytest.mark.parametrize("kw,exc,needle", [
+    ({"batch": 0}, ValueError, "batch"), ({"batch": -1}, ValueError, "batch"), ({"batch": 1.5}, TypeError, "batch"),
+    ({"height": "48"}, TypeError, "height"), ({"dtype": "int8"}, ValueError, "dtype")])
 def test_from_pretrained_refuses_bad_arguments_by_name(tiny_ckpt, kw, exc, needle):
     from ladr_rt.pipeline import LadrPipeline
 
@@ -170,7 +170,8 @@ def test_one_default_dtype_for_the_api_and_the_cli(tiny_ckpt):
     from ladr_rt.pipeline import LadrPipeline
 
     assert inspect.signature(LadrPipeline.from_pretrained).parameters["dtype"].default is None
-    assert resolve_dtype(None, "cuda:1") == resolve_dtype("auto", "cuda") == torch.bfloat16  # an 8B model: 16 GB, not 32
+    # an 8B model: 16 GB in bf16, not 32
+    assert resolve_dtype(None, "cuda:1") == resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype(None, "cpu") == torch.float32
     assert _device_dtype("cpu", "auto") == ("cpu", torch.float32)
     p = LadrPipeline.from_pretrained(tiny_ckpt, 48, 80, dtype="bf16")
@@ -328,7 +329,8 @@ print("IMPORTED:" + " ".join(m for m in ("torch", "transformers", "numpy", "PIL"
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["serve", "--help"], ["build", "--help"],
                                   ["init-tiny", "--help"], ["--version"]])
 def test_help_imports_no_torch(args):
-    r = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    r = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *args], capture_output=True, text=True, env=ENV,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last == "IMPORTED:", f"`ladr-rt {' '.join(args)}` imported {last}"
@@ -378,3 +380,26 @@ def test_a_deleted_working_directory_is_one_line(tmp_path):
     assert r.returncode == 1, r.stderr
     one_line(r.stderr, "current directory no longer exists", "cd to an existing directory")
     assert "oneMKL" not in r.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_a_long_run_says_its_estimated_time_first(tiny_ckpt, tmp_path, monkeypatch):
+    import torch
+
+    import ladr_rt.cli as cli_module
+    from ladr_rt.config import ImageSpec, SamplerConfig
+    from ladr_rt.pipeline import device_flops
+    from ladr_rt.tiny import tiny_config
+    from ladr_rt.tokens import SequenceLayout
+
+    # The largest size generate accepts, on this CPU: far past a minute, so it is said.
+    seq = SequenceLayout(ImageSpec(8192, 8192), tiny_config().layout)
+    flops = tiny_config().flops_per_eval(seq.seq_len, seq.n_image, 2) * SamplerConfig().steps
+    assert flops > cli_module.LONG_RUN_FLOPS
+    assert flops / device_flops(torch.device("cpu"), torch.float32) > cli_module.LONG_RUN_SECONDS
+    # The line itself, from a small run with the bar lowered to it.
+    monkeypatch.setattr(cli_module, "LONG_RUN_FLOPS", 0)
+    monkeypatch.setattr(cli_module, "LONG_RUN_SECONDS", 0)
+    r = cli("generate", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--height", "48", "--width", "80",
+            "--steps", "3", "--no-progress", "--out", str(tmp_path / "o.png"))
+    assert r.exit_code == 0, r.output
+    one_line(r.stderr, "48x80 with 3 steps on cpu", "TFLOP: at least", "Ctrl-C stops it")
