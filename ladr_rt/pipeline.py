@@ -88,8 +88,8 @@ def device_flops(device: torch.device, dtype: torch.dtype) -> float:
 def _path_arg(v, name: str, required: bool = False):
     if v is None and not required:
         return None
-    if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes) and str(v):
-        return v
+    if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes):
+        return v  # an empty or wrong path is read_config's / read_manifest's to name
     raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {type(v).__name__} {v!r:.40}")
 
 

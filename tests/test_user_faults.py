@@ -153,7 +153,7 @@ def test_from_pretrained_refuses_bad_arguments_by_name(tiny_ckpt, kw, exc, needl
         LadrPipeline.from_pretrained(tiny_ckpt, **kw)
 
 
-@pytest.mark.parametrize("model_dir", [123, b"/tmp", ["a"], ""])
+@pytest.mark.parametrize("model_dir", [123, b"/tmp", ["a"], 1.5])
 def test_from_pretrained_refuses_a_non_path_model_dir(model_dir):
     from ladr_rt.pipeline import LadrPipeline
 
