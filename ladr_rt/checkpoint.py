@@ -20,6 +20,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """The eager model's precision, for the CLI and the Python API alike. ``None``/``"auto"``:
+    bf16 on CUDA (an 8B model in fp32 is 32 GB, and DiMOO is published in bf16), fp32 on the
+    CPU (whose bf16 matmuls are slow or emulated); a name from DTYPES or a torch dtype: that."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or the matching torch dtype, got {dtype!r}")
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used as it is; the message names the fix."""
 
@@ -352,7 +365,30 @@ def load_tokenizer(path: str | os.PathLike):
                               "tokenizer_config.json from the checkpoint's source") from None
     if isinstance(tok, bool) or not callable(tok):
         raise CheckpointError(f"{p}: the tokenizer files do not describe a tokenizer; restore them")
+    check_tokenizer(tok, read_config(p).layout, p)
     return tok
+
+
+def check_tokenizer(tok, layout, where) -> None:
+    """The tokenizer must be this checkpoint's: the unconditional template has to come out with
+    config.json's ``<uncondition>`` id (another model's tokenizer gives its own id, and guidance
+    then runs against a row the model never saw, with no error anywhere)."""
+    from .tokens import TOKENIZER_LOCK
+
+    text = layout.uncond_template.format(system=layout.system_prompt)
+    try:
+        with TOKENIZER_LOCK:
+            ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file fails in many ways
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{where}: the tokenizer cannot encode the unconditional template ({first}); restore "
+                              "tokenizer.json / tokenizer_config.json from the checkpoint's source") from None
+    if layout.uncondition not in ids:
+        got = tok.convert_tokens_to_ids("<uncondition>") if "<uncondition>" in text else None
+        said = f"maps <uncondition> to id {got}" if isinstance(got, int) else "does not produce it"
+        raise CheckpointError(f"{where}: the tokenizer {said}, but config.json's uncondition id is "
+                              f"{layout.uncondition}: these tokenizer files belong to another model; restore "
+                              "tokenizer.json / tokenizer_config.json from this checkpoint's source")
 
 
 # ---------------------------------------------------------------- writing
@@ -383,7 +419,6 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes 0600; a checkpoint is meant to be shared
             for k, v in shard.items():
                 weight_map[k] = name
                 total += v.numel() * v.element_size()
@@ -394,6 +429,11 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, state_dict: dict[s
             vq.save_pretrained(str(tmp / "vqvae"))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        # safetensors (the shards, vqvae/'s weights) writes 0600; a checkpoint is meant to be
+        # shared, so every file gets what a plain open() gives.
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

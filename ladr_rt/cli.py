@@ -5,6 +5,7 @@ import io
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -32,6 +33,14 @@ def _writable(path: str, flag: str) -> Path:
         raise UserError(f"{flag} needs a file name")
     p = Path(path)
     real = Path(os.path.realpath(p))  # a symlink is written through to its target
+    try:
+        limit = os.pathconf(real.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    n = len(os.fsencode(real.name))
+    if n > limit:
+        raise UserError(f"{flag}: the file name {real.name[:24]}… is {n} bytes, over this file system's limit of "
+                        f"{limit}; use a shorter name")
     if real.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name")
     if real.exists() and not real.is_file():
@@ -44,6 +53,27 @@ def _writable(path: str, flag: str) -> Path:
         raise UserError(f"{flag} {path}: cannot create files in {p.parent} ({e.strerror or e}); choose another "
                         "path") from None
     return real
+
+
+def _report(line: str, done: str) -> None:
+    """The command's stdout line, after its work: stdout on a full device or closed early
+    (``| head -c0``) is one line on stderr saying what was done, and exit 1 (the report is lost)."""
+    try:
+        click.echo(line)
+    except OSError as e:
+        _drop_stdout()
+        raise UserError(f"{done}, but its report could not go to stdout ({e.strerror or e})") from None
+
+
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's flush at exit does not fail again (a
+    second message and exit code 120)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # in-process runners give stdout without a descriptor
+        pass
 
 
 def _image_format(path: Path) -> str:
@@ -86,11 +116,72 @@ def _device_dtype(device: str, dtype: str):
             raise UserError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     elif d.type != "cpu":
         raise UserError(f"--device {device!r}: ladr-rt runs on cpu or cuda")
-    if dtype == "auto":
-        dtype = "bf16" if d.type == "cuda" else "fp32"
-    from .checkpoint import DTYPES
+    from .checkpoint import resolve_dtype
 
-    return device, DTYPES[dtype]
+    return device, resolve_dtype(dtype, d)
+
+
+# A run estimated past a minute says so before it starts; under LONG_RUN_FLOPS no device
+# reaches a minute (it would take < 17 GFLOP/s), so nothing is measured.
+LONG_RUN_SECONDS = 60.0
+LONG_RUN_FLOPS = 1e12
+# After Ctrl-C/SIGTERM the run stops at its next step boundary; one evaluation that is still
+# running after this long (a huge size on a CPU) is not waited for: the process exits, and as
+# nothing is written before sampling ends, nothing is left behind.
+STOP_GRACE_SECONDS = 2.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+def _interrupt_line(e: BaseException) -> tuple[str, int]:
+    """What a stopped run says, and its exit code: 130 for Ctrl-C, 128 + N for SIGTERM/SIGHUP."""
+    if isinstance(e, Interrupted):
+        return f"Error: {e.message}", e.code
+    return "Error: interrupted (Ctrl-C); no output was written", 130
+
+
+def _interruptible(work):
+    """``work(stop)`` on a worker thread while this (main) thread waits for it, so Ctrl-C and
+    SIGTERM are handled at once even while one evaluation runs for minutes in C (Python runs
+    signal handlers only between bytecodes of the main thread). On a signal: ``stop`` is set
+    (the pipeline ends at its next step), and if the step in flight is not through within
+    STOP_GRACE_SECONDS the process exits without waiting for it."""
+    stop, done = threading.Event(), threading.Event()
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = work(stop)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    # Waited for through an Event, not Thread.join: a join interrupted by a signal marks the
+    # thread stopped while it still runs (Python 3.11, bpo-45274's fix).
+    threading.Thread(target=run, name="ladr-rt-generate", daemon=True).start()
+    try:
+        while not done.wait(0.1):  # a timed wait: the main thread wakes to run signal handlers
+            pass
+    except BaseException as e:
+        stop.set()
+        if not done.wait(STOP_GRACE_SECONDS):
+            line, code = _interrupt_line(e)
+            click.echo(line, err=True)
+            sys.stderr.flush()
+            os._exit(code)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 LADR_HELP = ("LADR phase table, KEY=VALUE pairs separated by commas (repeatable), for --sampler ladr or "
@@ -124,6 +215,12 @@ class OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
+            os.getcwd()
+        except OSError:  # deleted under us: torch's oneMKL would abort at import with "FATAL ERROR"
+            click.echo("Error: the current directory no longer exists (deleted?); cd to an existing directory "
+                       "and run the command again", err=True)
+            sys.exit(1)
+        try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
         except NO_ARGS_IS_HELP as e:  # bare `ladr-rt`: the help text is the answer
             e.show()
@@ -135,12 +232,14 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Error: interrupted (Ctrl-C); no output was written", err=True)
-            sys.exit(130)
-        except Interrupted as e:  # SIGTERM/SIGHUP, unwound: say what was left, exit 128 + signal
-            click.echo(f"Error: {e.message}", err=True)
-            sys.exit(e.code)
+        except OSError as e:  # commands turn their own OSErrors into one line: this is stdout (--help | head -c0)
+            _drop_stdout()
+            click.echo(f"Error: cannot write to stdout ({e.strerror or e})", err=True)
+            sys.exit(1)
+        except (click.Abort, Interrupted) as e:  # Ctrl-C; SIGTERM/SIGHUP unwound: say what was left
+            line, code = _interrupt_line(e)
+            click.echo(line, err=True)
+            sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -157,7 +256,9 @@ def main() -> None:
 @click.option("--engine", default=None,
               help="Run an engine from `ladr-rt build --out engines/NAME` instead of the eager model; --model, "
                    "--height, --width and --prompt-budget then default to the engine's.")
-@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--prompt", required=True,
+              help="Text prompt. Words the model does not know are ignored, with a warning; `ladr-rt vocab "
+                   "[--model DIR]` lists the ones it knows.")
 @click.option("--height", type=int, default=None,
               help="Image height in pixels (multiple of 16)  [default: the model's default size]")
 @click.option("--width", type=int, default=None,
@@ -222,8 +323,18 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         else:
             dev, dt = _device_dtype(device, dtype)
             pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
-        res = pipe(prompt, scfg, progress=progress)
         dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
+        warning = pipe.prompt_warning(prompt)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        flops = pipe.sampling_flops(scfg)
+        if flops is not None and flops > LONG_RUN_FLOPS:  # only then is the ~0.3 s measurement worth it
+            est = pipe.estimate_seconds(scfg)
+            if est > LONG_RUN_SECONDS:
+                click.echo(f"ladr-rt generate: {height}x{width} with {steps} steps on {dev} is "
+                           f"{flops / 1e12:,.0f} TFLOP: at least {_duration(est)} at this device's measured matmul "
+                           "rate; Ctrl-C stops it (a smaller --height/--width or fewer --steps is faster)", err=True)
+        res = _interruptible(lambda stop: pipe(prompt, scfg, progress=progress, stop=stop))
     except ValueError as e:  # CheckpointError, EngineError, PromptError, NonFiniteLogits, ...
         raise UserError(str(e)) from None
     except OSError as e:
@@ -257,8 +368,28 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
         atomic_write_all(files)
     except OSError as e:
         raise UserError(f"writing {e.filename or out} failed ({e.strerror or e}); nothing was written") from None
-    click.echo(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
-               f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})")
+    _report(f"{out}: {res.evaluations} evaluations, {res.seconds:.2f} s sampling + "
+            f"{res.decode_seconds:.2f} s VQ decode ({sampler}, {pipe.denoiser.name}, {dev})",
+            f"{', '.join(str(outputs[f]) for f in paths)} written")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=str, default=None,
+              help="Hugging Face checkpoint directory.  [default: the testbed model shipped in the package]")
+def vocab(model_dir) -> None:
+    """List the words the model's tokenizer knows, one per line (prompt words outside it are ignored)."""
+    from .checkpoint import load_tokenizer
+    from .tokens import vocabulary
+
+    if model_dir is None:
+        from .testbed import model_dir as shipped
+
+        model_dir = shipped()
+    try:
+        words = vocabulary(load_tokenizer(model_dir))
+    except ValueError as e:  # CheckpointError
+        raise UserError(str(e)) from None
+    click.echo("\n".join(words))
 
 
 @main.command()
@@ -332,7 +463,7 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{out_dir}: {e.strerror or e}; choose a writable directory") from None
-    click.echo(f"wrote tiny checkpoint to {p} (random weights: its images are noise)")
+    _report(f"wrote tiny checkpoint to {p} (random weights: its images are noise)", f"{p} written")
 
 
 @main.command()

@@ -17,6 +17,20 @@ def _umask() -> int:
     return mask
 
 
+NAME_MAX = 255  # bytes in one path component on Linux's file systems
+
+
+def _temp_prefix(name: str, tag: str = "", suffix: str = "") -> str:
+    """``.NAME.TAG`` for a temp file beside NAME, shortened when NAME is near the file system's
+    name limit (a legal 250-byte name must not fail on its longer temp name)."""
+    prefix = f".{name}.{tag}"
+    room = NAME_MAX - 8 - len(os.fsencode(suffix))  # mkstemp adds 8 characters
+    if len(os.fsencode(prefix)) <= room:
+        return prefix
+    short = os.fsencode(name)[:max(16, room - len(os.fsencode(tag)) - 3)].decode("utf-8", "ignore")
+    return f".{short}~.{tag}"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp_path)`` fills a temp file beside ``path``, which then replaces ``path``.
 
@@ -47,7 +61,7 @@ def temp_dir_beside(final: str | os.PathLike) -> Path:
     """A hidden temp directory next to ``final`` (same filesystem, so a rename is atomic)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the renamed directory is meant to be read
     return tmp
 
@@ -69,7 +83,7 @@ def probe_writable(path: str | os.PathLike) -> None:
     systems, permissions — os.access says yes to root on a read-only mount), so a run fails
     before its work, not after it."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.probe.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p.name, "probe."), dir=p.parent)
     os.close(fd)
     os.unlink(tmp)
 
@@ -83,7 +97,8 @@ def atomic_write_all(items: list[tuple[Path, bytes]]) -> None:
     try:
         for path, data in items:
             path = Path(os.path.realpath(path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            suffix = path.suffix if len(path.suffix) <= 16 else ""
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name, "", suffix), suffix=suffix, dir=path.parent)
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,8 +21,12 @@ from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from . import threads
 from .samplers import RunState, make_sampler
-from .tokens import SequenceLayout, build_rows, write_image_tokens
+from .tokens import SequenceLayout, build_rows, check_prompt, unknown_words, vocabulary, write_image_tokens
 from .vq import to_uint8
+
+
+class GenerationStopped(Exception):
+    """The caller's ``stop`` event was set: the run ended at a step boundary, nothing returned."""
 
 
 class NonFiniteLogits(ValueError):
@@ -39,6 +45,68 @@ class GenerationResult:
     evaluations: int  # denoiser calls
     seconds: float  # prompt to codes (excludes VQ decode)
     decode_seconds: float
+    warnings: list = dataclasses.field(default_factory=list)  # one line per prompt with unknown words (prompt_warning)
+
+
+def plain(v):
+    """A numpy scalar as the Python number it holds (seeds from np.random, guidance from numpy
+    arithmetic); anything else as it is, for the validation that follows to judge."""
+    return v.item() if isinstance(v, np.generic) and not isinstance(v, np.bool_) else v
+
+
+def plain_config(cfg) -> SamplerConfig:
+    """``cfg`` with numpy scalars in its number fields made plain; TypeError for a non-config."""
+    if not isinstance(cfg, SamplerConfig):
+        raise TypeError(f"cfg must be a ladr_rt.SamplerConfig, got {type(cfg).__name__}; leave it out for the "
+                        "defaults")
+    changes = {k: plain(getattr(cfg, k)) for k in ("steps", "cfg", "temperature", "seed")
+               if isinstance(getattr(cfg, k), np.generic)}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+_FLOPS: dict = {}
+
+
+def device_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Matmul FLOP/s on ``device`` in ``dtype``, best of three (measured once per process; ~ms)."""
+    key = (str(device), dtype)
+    if key not in _FLOPS:
+        n = 4096 if device.type == "cuda" else 1024  # large enough to reach the device's matmul rate
+        a = torch.randn(n, n, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ a
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        _FLOPS[key] = 2 * n ** 3 / max(best, 1e-9)
+    return _FLOPS[key]
+
+
+def _path_arg(v, name: str, required: bool = False):
+    if v is None and not required:
+        return None
+    if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes):
+        return v  # an empty or wrong path is read_config's / read_manifest's to name
+    raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {type(v).__name__} {v!r:.40}")
+
+
+def _int_arg(v, name: str):
+    """numpy integers accepted as ints; None passes (the caller's default); other types refused."""
+    v = plain(v)
+    if v is None or (isinstance(v, int) and not isinstance(v, bool)):
+        return v
+    raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+
+
+def _batch_arg(batch) -> int:
+    batch = _int_arg(batch, "batch")
+    if batch is None or batch < 1:
+        raise ValueError(f"batch must be a positive integer (prompts per call), got {batch!r}")
+    return batch
 
 
 class LadrPipeline:
@@ -75,17 +143,23 @@ class LadrPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
-                        prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        prompt_budget: int | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu",
                         batch: int = 1, cpu_threads: int | None = None) -> "LadrPipeline":
         """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
         ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default; ``cpu_threads`` None: torch's intra-op
-        threads chosen from the model's size on the CPU (``ladr_rt/threads.py``)."""
-        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
+        ``prompt_budget`` None: ``ImageSpec``'s default; ``dtype`` None: the CLI's ``--dtype auto``
+        (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``); ``cpu_threads`` None: torch's
+        intra-op threads chosen from the model's size on the CPU (``ladr_rt/threads.py``)."""
+        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config, resolve_dtype
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
+        model_dir = _path_arg(model_dir, "model_dir")
+        height, width, prompt_budget = (_int_arg(v, k) for k, v in (("height", height), ("width", width),
+                                                                      ("prompt_budget", prompt_budget)))
+        batch = _batch_arg(batch)
         threads.choose(None, cpu_threads)  # a bad count: refused before anything loads
+        dtype = resolve_dtype(dtype, device)
         if model_dir is None:
             from . import shipped
 
@@ -104,8 +178,10 @@ class LadrPipeline:
         vq = load_vq(model_dir, device, cfg.layout)
         model = load_model(model_dir, dtype=dtype, device=device)
         seq = SequenceLayout(spec, cfg.layout)
-        return cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
+        pipe = cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
                    cfg.vocab_size, cpu_threads)
+        pipe.model_config = cfg
+        return pipe
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,
@@ -122,6 +198,8 @@ class LadrPipeline:
         from .engines import check_manifest, load_denoiser, read_manifest
         from .vq import load_vq
 
+        engine, model_dir = _path_arg(engine, "engine", required=True), _path_arg(model_dir, "model_dir")
+        height, width, prompt_budget, batch = map(plain, (height, width, prompt_budget, batch))
         for flag, v in (("--height", height), ("--width", width), ("--prompt-budget", prompt_budget),
                         ("--batch", batch)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -135,8 +213,26 @@ class LadrPipeline:
         spec = ImageSpec(a["height"], a["width"], a["prompt_budget"])
         tokenizer = load_tokenizer(model_dir)
         denoiser = load_denoiser(m, device)
-        return cls(denoiser, tokenizer, load_vq(model_dir, denoiser.device, cfg.layout), cfg.layout, spec,
+        pipe = cls(denoiser, tokenizer, load_vq(model_dir, denoiser.device, cfg.layout), cfg.layout, spec,
                    a["batch"], cfg.default_cfg, cfg.vocab_size)
+        pipe.model_config = cfg
+        return pipe
+
+    model_config: ModelConfig | None = None  # set by from_pretrained/from_engine: sizes for estimate_seconds
+
+    def sampling_flops(self, cfg: SamplerConfig) -> float | None:
+        """FLOPs of ``cfg.steps`` evaluations at this size (``ModelConfig.flops_per_eval``, cond and
+        uncond rows); None without a model config."""
+        if self.model_config is None:
+            return None
+        return self.model_config.flops_per_eval(self.seq.seq_len, self.seq.n_image, 2 * self.batch) * cfg.steps
+
+    def estimate_seconds(self, cfg: SamplerConfig) -> float | None:
+        """A lower bound on sampling time: ``sampling_flops`` over a large matmul's throughput
+        measured on this device (~0.3 s on a CPU; small models and attention reach less). For
+        saying, before a run that would take hours, that it will."""
+        flops = self.sampling_flops(cfg)
+        return None if flops is None else flops / device_flops(self.denoiser.device, self.logits.dtype)
 
     def _state(self, T: int) -> RunState:
         h, w = self.seq.grid
@@ -222,6 +318,10 @@ class LadrPipeline:
     def prompt_rows(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt's cond and uncond rows, checked: ids [2, L], key_mask [2, L] (host work,
         done before a slot is taken)."""
+        check_prompt(prompt)  # None would build the unconditional rows: an image nobody asked for
+        return self._rows(prompt)
+
+    def _rows(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         ids, key_mask = build_rows(self.tokenizer, [prompt], self.seq)
         if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
             raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
@@ -234,7 +334,7 @@ class LadrPipeline:
         unconditional prompt so that their (discarded) evaluation stays finite."""
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
-        ids, key_mask = self.prompt_rows(None)
+        ids, key_mask = self._rows(None)
         self.ids.copy_(ids[1:].expand_as(self.ids))
         self.key_mask.copy_(key_mask[1:].expand_as(self.key_mask))
         for b in range(self.batch):
@@ -252,33 +352,58 @@ class LadrPipeline:
             self.key_mask[r].copy_(key_mask[row])
         state.admit(slot, seed, steps, guidance)
 
+    # Past this many words the vocabulary is named by its command, not listed in the warning.
+    LIST_VOCAB_UP_TO = 80
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        """One line naming the prompt's words the model does not know (they are dropped: the
+        image ignores them) and its vocabulary, or None. Cheap (one tokenizer call): the CLI
+        prints it, __call__ returns it in ``warnings``, a server can put it in its response."""
+        words = unknown_words(self.tokenizer, prompt)
+        if not words:
+            return None
+        vocab = vocabulary(self.tokenizer)
+        shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+        known = (f"it knows these {len(vocab)}: {' '.join(vocab)}" if len(vocab) <= self.LIST_VOCAB_UP_TO
+                 else "`ladr-rt vocab --model DIR` lists the words it knows")
+        return f"the model does not know {shown}, so the image ignores {'it' if len(words) == 1 else 'them'}; {known}"
+
     def decode(self, codes: torch.Tensor) -> list:
         """codes [n, H, W] -> PIL images."""
         from PIL import Image
 
         return [Image.fromarray(a) for a in to_uint8(self.vq.decode(codes))]
 
-    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
+    def generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None,
+                       stop: threading.Event | None = None):
         """``on_step(sampler)``, if given, runs on the host after every step (the run-state then
         holds that step's z, M, M_prev, P, delta, frontier and rescued): for diagnostics, not
-        for serving, since whatever it reads back costs a sync per step."""
+        for serving, since whatever it reads back costs a sync per step. ``stop``, if given, is
+        read between steps: once set, the run raises GenerationStopped after the step in flight
+        (a thread running the pipeline is stopped this way; the main thread's Ctrl-C stops it too)."""
         dev = self.denoiser.device
         # Current-device CUDA calls (streams, graph capture, synchronize) must mean the
         # denoiser's device, also for cuda:N with N > 0.
         with self._lock, self.thread_scope(), (torch.cuda.device(dev) if dev.type == "cuda"
                                                else contextlib.nullcontext()):
-            return self._generate_codes(prompts, cfg, progress, on_step)
+            return self._generate_codes(prompts, cfg, progress, on_step, stop)
 
     def thread_scope(self):
         """The intra-op thread count for this pipeline's steps, set for the block in the calling
         thread (the scheduler's loop runs its steps under it too)."""
         return threads.scope(threads.choose(self._matmul_flops, self.cpu_threads))
 
-    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None):
+    def _generate_codes(self, prompts: str | list[str], cfg: SamplerConfig, progress: bool = False, on_step=None,
+                        stop: threading.Event | None = None):
         if self.owner is not None:
             raise RuntimeError("this pipeline's slots belong to a serve.Scheduler: submit the prompt to it, or close "
                                "the scheduler first")
+        if not isinstance(prompts, (str, list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            check_prompt(p)
+        cfg = plain_config(cfg)
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
         ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)
@@ -302,17 +427,25 @@ class LadrPipeline:
         sync()
         t0 = time.perf_counter()
         evals = 0
-        while evals < cfg.steps and state.keep_going():  # the one host read per step
-            step()
-            evals += 1
-            if on_step is not None:
-                on_step(sampler)
+        try:
+            while evals < cfg.steps and state.keep_going():  # the one host read per step
+                if stop is not None and stop.is_set():  # a host flag: no device sync
+                    raise GenerationStopped(f"stopped after {evals} of at most {cfg.steps} steps")
+                step()
+                evals += 1
+                if on_step is not None:
+                    on_step(sampler)
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
+                # LADR ends before T: the bar closes at the steps that ran (12/12), not at 12/64
+                # with an ETA for steps that will never come.
+                bar.total = evals
+                bar.refresh()
+                bar.close()
         sync()
         seconds = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
         if state.saw_nonfinite():
             raise NonFiniteLogits(
                 f"the {self.denoiser.name} denoiser returned NaN/inf logits within the first {evals} evaluation(s), "
@@ -326,14 +459,15 @@ class LadrPipeline:
         return state.z.view(self.batch, h, w).clone(), trace, evals, seconds
 
     def __call__(self, prompts: str | list[str], cfg: SamplerConfig = SamplerConfig(),
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, stop: threading.Event | None = None) -> GenerationResult:
         from PIL import Image
 
-        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress)  # holds the lock
+        codes, trace, evals, seconds = self.generate_codes(prompts, cfg, progress, stop=stop)  # holds the lock
         t0 = time.perf_counter()
         rgb = to_uint8(self.vq.decode(codes))
         decode_seconds = time.perf_counter() - t0
         trace["evaluations"] = evals
         trace["seconds"] = seconds
+        warnings = [w for p in ([prompts] if isinstance(prompts, str) else prompts) if (w := self.prompt_warning(p))]
         return GenerationResult([Image.fromarray(a) for a in rgb], codes.cpu().numpy(), trace, evals, seconds,
-                                decode_seconds)
+                                decode_seconds, warnings)

@@ -5,6 +5,8 @@ and shrink everything else. Weights are random: images from them are noise.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -92,39 +94,135 @@ def tiny_vq(codebook: int = 8192, channels: int = 8, seed: int = 0):
 
 def write_tiny_checkpoint(out: str | os.PathLike, cfg: ModelConfig | None = None, seed: int = 0,
                           max_shard_bytes: int = 16 << 20, dtype=torch.float32) -> Path:
-    """Write a complete DiMOO-format checkpoint directory (sharded, with index, tokenizer, vqvae/)."""
+    """Write a complete DiMOO-format checkpoint directory (sharded, with index, tokenizer, vqvae/).
+
+    ``out`` may be new, an empty directory, or one this function wrote before and nobody has
+    changed since: its marker records the name and sha256 of every file written, and only those
+    exact files are replaced (anything else there, or any of them edited, refuses with nothing
+    changed). A symlink to a directory is written through. An existing directory keeps its
+    inode (files move into it), so a shell sitting in it (``init-tiny .``) stays in it."""
+    import shutil
+
     from .checkpoint import CheckpointError, save_checkpoint
+    from .fileio import _umask, temp_dir_beside
 
     cfg = cfg or tiny_config()
-    out = Path(out)
-    # The directory is replaced as a whole, so only an empty one or one this function wrote may
-    # be overwritten: anything else holds somebody's files.
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise CheckpointError(f"{out} exists and is not a directory; choose a new directory name")
-        if any(out.iterdir()) and not (out / MARKER).is_file():
-            raise CheckpointError(f"{out} is not empty and is not a tiny checkpoint written by ladr-rt; nothing was "
-                                  "changed: choose a new or empty directory")
-        foreign = sorted(str(f.relative_to(out)) for f in out.rglob("*") if not _ours(f.relative_to(out)))
-        if foreign:
-            raise CheckpointError(f"{out} holds files init-tiny did not write ({', '.join(foreign[:3])}); nothing "
-                                  "was changed: move them out or choose another directory")
+    out = _target(Path(out))
+    old = _owned_files(out) if out.exists() else None  # refuses before any work
     lay = cfg.layout
     tok = word_tokenizer(uncondition_id=lay.uncondition)
-    return save_checkpoint(out, cfg, random_state_dict(cfg, seed, dtype), tok, tiny_vq(lay.codebook, seed=seed),
-                           max_shard_bytes=max_shard_bytes,
-                           extra_files={MARKER: "written by `ladr-rt init-tiny`; random weights, its images are noise\n"})
+    stage = temp_dir_beside(out)
+    try:
+        new = save_checkpoint(stage / "new", cfg, random_state_dict(cfg, seed, dtype), tok,
+                              tiny_vq(lay.codebook, seed=seed), max_shard_bytes=max_shard_bytes)
+        files = {str(f.relative_to(new)): _sha256(f) for f in sorted(new.rglob("*")) if f.is_file()}
+        marker = {"written_by": "ladr-rt init-tiny", "note": "random weights: its images are noise; init-tiny "
+                  "replaces only these files, and only while their sha256 are these", "files": files}
+        (new / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+        (new / MARKER).chmod(0o666 & ~_umask())
+        if old is None:
+            os.replace(new, out)
+        else:
+            _move_in(new, out, old, stage / "old")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
 
 
-MARKER = "LADR_TINY_CHECKPOINT"  # init-tiny may overwrite a directory only if it holds this file
+MARKER = "LADR_TINY_CHECKPOINT"  # JSON: the files init-tiny wrote and their sha256
 
 
-def _ours(rel: Path) -> bool:
-    """What write_tiny_checkpoint writes (tokenizer files vary a little with transformers)."""
-    top = rel.parts[0]
-    if top == "vqvae":
-        return len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.name in ("config.json",
-                                                                           "diffusion_pytorch_model.safetensors"))
-    return len(rel.parts) == 1 and (top in (MARKER, "config.json", "model.safetensors.index.json")
-                                    or (top.startswith("model-") and top.endswith(".safetensors"))
-                                    or top.startswith(("tokenizer", "special_tokens_map")))
+def _target(out: Path) -> Path:
+    """``out`` as an absolute path without '.'/'..' (``init-tiny .`` names the directory, not
+    '.'), a symlink to a directory resolved to it."""
+    from .checkpoint import CheckpointError
+
+    absolute = Path(os.path.abspath(out))
+    if absolute.is_symlink():
+        real = Path(os.path.realpath(absolute))
+        if not real.is_dir():
+            raise CheckpointError(f"{out} is a symlink to {real}, which is not a directory; point it at a directory "
+                                  "or choose a new directory name")
+        return real
+    return absolute
+
+
+def _sha256(f: Path) -> str:
+    import hashlib
+
+    with f.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _owned_files(out: Path) -> list[str]:
+    """The files of an existing ``out`` that init-tiny may replace ([] for an empty directory);
+    CheckpointError (one line, nothing changed) for anything else."""
+    from .checkpoint import CheckpointError
+
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose a new directory name")
+    entries = sorted(out.rglob("*"))
+    if not entries:
+        return []
+    unchanged = "nothing was changed: move them out or choose another directory"
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        files = marker["files"]
+        assert isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+    except FileNotFoundError:
+        raise CheckpointError(f"{out} is not empty and is not a tiny checkpoint written by ladr-rt; nothing was "
+                              "changed: choose a new or empty directory") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{out}/{MARKER} does not list the files init-tiny wrote (an older ladr-rt, or "
+                              "edited); nothing was changed: delete the directory yourself or choose another") from None
+    rels = {str(e.relative_to(out)): e for e in entries}
+    dirs = {str(Path(n).parent) for n in files} - {"."}
+    foreign = sorted(n for n, e in rels.items()
+                     if n != MARKER and not (n in files and e.is_file() and not e.is_symlink())
+                     and not (n in dirs and e.is_dir() and not e.is_symlink()))
+    if foreign:
+        raise CheckpointError(f"{out} holds files init-tiny did not write ({', '.join(foreign[:3])}"
+                              f"{' …' if len(foreign) > 3 else ''}); {unchanged}")
+    changed = sorted(n for n in files if n in rels and _sha256(rels[n]) != files[n])
+    if changed:
+        raise CheckpointError(f"{out}: {', '.join(changed[:3])} changed since init-tiny wrote "
+                              f"{'it' if len(changed) == 1 else 'them'}; nothing was changed: keep your edits by "
+                              "choosing another directory, or delete this one yourself")
+    return [n for n in files if n in rels] + [MARKER]
+
+
+def _move_in(new: Path, out: Path, old_files: list[str], trash: Path) -> None:
+    """Replace ``old_files`` of ``out`` by the files of ``new``, file by file (each rename is
+    atomic); the marker goes last, so until then the old marker still covers every file. An
+    error puts the old files back."""
+    moved: list[tuple[Path, Path]] = []  # (from, to), undone in reverse
+    created: list[Path] = []
+
+    def move(src: Path, dst: Path) -> None:
+        if not dst.parent.is_dir():
+            dst.parent.mkdir(parents=True)
+            created.append(dst.parent)
+        os.replace(src, dst)
+        moved.append((src, dst))
+
+    names = sorted(str(f.relative_to(new)) for f in new.rglob("*") if f.is_file())
+    names.remove(MARKER)
+    try:
+        for n in old_files:  # the old files out of the way first (a shard count may have changed)
+            move(out / n, trash / n)
+        for n in names + [MARKER]:
+            move(new / n, out / n)
+    except BaseException:
+        for src, dst in reversed(moved):
+            try:
+                os.replace(dst, src)
+            except OSError:
+                pass
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    for n in old_files:  # directories the old files left empty (vqvae/ of an old layout)
+        d = (out / n).parent
+        if d != out and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()

@@ -151,6 +151,29 @@ def _text_ids(tokenizer, prompt: str | None, layout: TokenLayout) -> list[int]:
     return plain
 
 
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The pieces of ``prompt`` the tokenizer can only map to its unknown token (each once, in
+    order): a word-level vocabulary drops them, and the image then ignores them. A byte-level
+    tokenizer (DiMOO's) has none."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not isinstance(prompt, str):
+        return []
+    with TOKENIZER_LOCK:
+        try:
+            enc = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            pieces = [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        except NotImplementedError:  # a slow tokenizer has no offsets: word by word
+            pieces = [w for w in prompt.split() if unk in _ids(tokenizer, w, False, split=True)]
+    return list(dict.fromkeys(p for p in pieces if p.strip()))
+
+
+def vocabulary(tokenizer) -> list[str]:
+    """The tokenizer's text tokens (special tokens left out), by id."""
+    specials = set(tokenizer.all_special_tokens)
+    vocab = tokenizer.get_vocab()
+    return [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+
+
 def _count(ids: list[int], reserved: set[int]) -> Counter:
     return Counter(i for i in ids if i in reserved)
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..config import SamplerConfig
-from ..pipeline import NONFINITE_HINT, LadrPipeline, NonFiniteLogits
+from ..pipeline import NONFINITE_HINT, LadrPipeline, NonFiniteLogits, plain
 from ..samplers import resolve
 
 MODES = ("continuous", "static", "sequential")
@@ -147,6 +147,7 @@ class Scheduler:
         scheduler come back as the future's exception; nothing is raised here."""
         fut: Future = Future()
         try:
+            seed, steps, cfg = plain(seed), plain(steps), plain(cfg)  # numpy scalars as plain numbers
             req_cfg = dataclasses.replace(self.cfg, seed=seed, steps=self.cfg.steps if steps is None else steps,
                                           cfg=self.cfg.cfg if cfg is None else cfg)
             req_cfg.validate()
