@@ -18,8 +18,8 @@ class TorchGraphDenoiser(EagerDenoiser):
     name = "torch-graph"
     graph_safe = True
 
-    def __init__(self, model, image_positions: torch.Tensor):
-        super().__init__(model, image_positions)
+    def __init__(self, model, image_positions: torch.Tensor, attention: str = "auto"):
+        super().__init__(model, image_positions, attention)
         if self.device.type != "cuda":
             raise EngineError("the torch-graph backend needs a CUDA device (CUDA graphs); use the eager backend on CPU")
         self.graph: torch.cuda.CUDAGraph | None = None
