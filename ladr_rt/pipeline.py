@@ -197,6 +197,12 @@ class LadrPipeline:
             # leave it flagged as capturing (every later draw would raise): continue on a fresh
             # generator holding the saved state.
             s.gens[:] = [torch.Generator(device=g.device) for g in s.gens]
+            # The denoiser's own evaluation graph (torch-graph) was captured before this failure
+            # and the plain steps that follow would replay it: dropped, so the denoiser captures
+            # afresh (or runs eagerly, warned, if that capture fails as well).
+            drop = getattr(self.denoiser, "drop_graph", None)
+            if drop is not None:
+                drop()
         finally:
             if own_graph is not None:
                 self.denoiser.cuda_graph = own_graph

@@ -26,6 +26,15 @@ class TorchGraphDenoiser(EagerDenoiser):
         self._bound: tuple | None = None
         self.cuda_graph = True  # False: plain eager calls (the pipeline sets it while it graphs the whole step)
 
+    def drop_graph(self) -> None:
+        """Forget the captured evaluation: the next call captures again."""
+        if self.graph is not None:
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                self.graph.reset()
+        self.graph, self._bound = None, None
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
         if not self.cuda_graph or torch.cuda.is_current_stream_capturing():
