@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flex")
+from .config import ATTENTION_CHOICES
+
 KERNELS = ("sdpa", "cudnn", "flex")  # what a choice resolves to
 
 

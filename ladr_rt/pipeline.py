@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
+from .config import ImageSpec, ModelConfig, RunOptions, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from .samplers import RunState, make_sampler
@@ -69,13 +69,16 @@ class LadrPipeline:
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
                         prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        batch: int = 1) -> "LadrPipeline":
-        """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
-        ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default."""
+                        batch: int = 1, options: RunOptions = RunOptions()) -> "LadrPipeline":
+        """The pipeline over the model itself. ``model_dir`` None: the testbed model shipped in
+        the package; ``height``/``width`` None: the model's default size (config.json
+        ``ladr_default_size``); ``prompt_budget`` None: ``ImageSpec``'s default. ``options``: the
+        denoiser (eager, or torch-graph with ``cuda_graph``) and its attention kernel."""
         from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
         from .denoiser import EagerDenoiser
         from .vq import load_vq
+
+        graphed = options.graphed(torch.device(device).type)  # a forced choice the device lacks: refused before loading
 
         if model_dir is None:
             from .testbed import model_dir as shipped
@@ -95,8 +98,13 @@ class LadrPipeline:
         vq = load_vq(model_dir, device, cfg.layout)
         model = load_model(model_dir, dtype=dtype, device=device)
         seq = SequenceLayout(spec, cfg.layout)
-        return cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
-                   cfg.vocab_size)
+        if graphed:
+            from .engines.torch_graph import TorchGraphDenoiser
+
+            den = TorchGraphDenoiser(model, seq.image_positions, options.attention)
+        else:
+            den = EagerDenoiser(model, seq.image_positions, options.attention)
+        return cls(den, tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg, cfg.vocab_size)
 
     @classmethod
     def from_engine(cls, engine, device: str = "auto", height: int | None = None, width: int | None = None,

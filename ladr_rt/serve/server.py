@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LADR_SAMPLERS, SamplerConfig
+from ..config import LADR_SAMPLERS, RunOptions, SamplerConfig
 from .scheduler import MODES, Scheduler
 
 DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
@@ -35,6 +35,7 @@ class ServeOptions:
     width: int | None = None
     prompt_budget: int | None = None
     max_n: int = 8
+    run: RunOptions = RunOptions()  # CUDA graphs and attention of the eager model
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -71,7 +72,7 @@ class ServeOptions:
             else:
                 pipe = LadrPipeline.from_pretrained(self.model, self.height, self.width, self.prompt_budget,
                                                     dtype=self.dtype, device=self.device,
-                                                    batch=batch or DEFAULT_BATCH)
+                                                    batch=batch or DEFAULT_BATCH, options=self.run)
             return Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
 
         return load
