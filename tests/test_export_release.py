@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import weakref
 
-
 from ladr_rt.build import export_onnx
 from ladr_rt.config import ImageSpec
 from ladr_rt.engines.graph import EngineGraph
