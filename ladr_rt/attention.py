@@ -176,7 +176,7 @@ def describe(denoiser, head_dim: int, seq_len: int, n_heads: int = 1) -> str:
     if getattr(denoiser, "name", "") == "official-style":  # unpadded rows, no mask
         return attention_kernel(denoiser.device, next(denoiser.model.parameters()).dtype, head_dim, seq_len, "sdpa",
                                 n_heads, batch=1, masked=False)
-    return f"{getattr(denoiser, 'name', type(denoiser).__name__)}: the exported SDPA + bias, fused by its runtime"
+    return f"{getattr(denoiser, 'name', type(denoiser).__name__)}: the exported SDPA + bias, as its runtime runs it"
 
 
 def time_candidates(device: torch.device | str, dtype: torch.dtype, rows: int, n_heads: int, head_dim: int,
@@ -226,3 +226,41 @@ def _times(fn, device: torch.device, reps: int) -> list[float]:
 
 __all__ = ["ATTENTION_CHOICES", "AttentionError", "attend", "attention_kernel", "describe", "key_padding",
            "resolve", "time_candidates"]
+
+
+def main(argv=None) -> int:
+    """``python -m ladr_rt.attention``: each choice's attention timed alone at DiMOO's shapes
+    (32 heads of 128, cond + uncond rows per prompt) for one image size, as one JSON line."""
+    import argparse
+    import json
+
+    from .config import ImageSpec, ModelConfig, TokenLayout
+    from .tokens import SequenceLayout
+
+    ap = argparse.ArgumentParser(prog="python -m ladr_rt.attention", description=main.__doc__)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--prompt-budget", type=int, default=ImageSpec.prompt_budget)
+    ap.add_argument("--batch", type=int, default=1, help="prompts (2x rows)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="[default: bf16 on cuda, else fp32]")
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args(argv)
+    spec = ImageSpec(a.height, a.width, a.prompt_budget)
+    try:
+        spec.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    cfg, L = ModelConfig(), SequenceLayout(spec, TokenLayout()).seq_len
+    n_pad = a.prompt_budget // 2  # a short prompt's padding in every other row (the uncond template is shorter)
+    t = time_candidates(a.device, dtype, 2 * a.batch, cfg.n_heads, cfg.head_dim, L, n_pad, reps=a.reps)
+    print(json.dumps({"seq_len": L, "rows": 2 * a.batch, "n_heads": cfg.n_heads, "head_dim": cfg.head_dim,
+                      "n_pad": n_pad, "dtype": str(dtype).replace("torch.", ""), "device": a.device,
+                      "torch": torch.__version__, "candidates": t}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -112,6 +112,17 @@ def test_time_candidates_times_each_choice_at_a_shape():
     assert all(v["s"] > 0 for v in t.values()), t
 
 
+def test_a_benchmark_row_names_its_denoisers_kernel():
+    import types
+
+    model = tiny()
+    _, _, seq = rows(model)
+    assert A.describe(EagerDenoiser(model, seq.image_positions, "flex"), 8, seq.seq_len) == "flex-cpu"
+    assert A.describe(EagerDenoiser(model, seq.image_positions), 8, seq.seq_len) == "sdpa-cpu"
+    ort = types.SimpleNamespace(name="onnxruntime", device=torch.device("cpu"))
+    assert "exported SDPA + bias" in A.describe(ort, 8, seq.seq_len)
+
+
 def test_the_engine_graph_keeps_sdpa_with_the_bias():
     """The exported graph's attention stays the portable SDPA + additive bias, whatever the
     eager denoiser's choice: run_trunk's default."""
