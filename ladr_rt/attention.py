@@ -20,6 +20,7 @@ times each choice alone at real shapes, for the GPU check to pick from numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -62,15 +63,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, kernel: str 
     ``mask`` from ``key_padding``: hides left-padding keys only."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-    if kernel == "cudnn":
-        with _cudnn_first():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+    if kernel == "cudnn":  # inside ``context("cudnn")``, entered once per evaluation (run_trunk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
     if kernel == "flex":
         return _flex()(q, k, v, block_mask=mask)
     raise AttentionError(f"attention kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
 
 
-def _cudnn_first():
+def context(kernel: str):
+    """What ``attend`` calls for ``kernel`` run inside: for ``cudnn``, SDPA's priority order with
+    cuDNN attention first (process-wide flags, set and restored on the calling thread's way
+    through one evaluation); nothing for the others."""
+    if kernel != "cudnn":
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -151,7 +156,7 @@ def attention_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: i
 
     t = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
     q = t(batch, n_heads, seq_len, head_dim)
-    bias = t(batch, 1, 1, seq_len).expand(batch, n_heads, seq_len, seq_len) if masked else None
+    bias = t(batch, 1, 1, seq_len) if masked else None  # as key_padding passes it
     params = torch.backends.cuda.SDPAParams(q, q, q, bias, 0.0, False, False)
     check = {"FLASH_ATTENTION": (torch.backends.cuda.can_use_flash_attention, torch.backends.cuda.flash_sdp_enabled),
              "EFFICIENT_ATTENTION": (torch.backends.cuda.can_use_efficient_attention,
@@ -198,7 +203,7 @@ def time_candidates(device: torch.device | str, dtype: torch.dtype, rows: int, n
             name = attention_kernel(device, dtype, head_dim, seq_len, kernel, n_heads, rows, masked=c != "unmasked-sdpa")
             mask = None if c == "unmasked-sdpa" else key_padding(key_mask, dtype, kernel)
             fn = lambda: attend(q, k, v, mask, kernel)  # noqa: E731
-            with torch.inference_mode():
+            with torch.inference_mode(), context(kernel):
                 for _ in range(warmup):
                     fn()
                 out[c] = {"kernel": name, "s": statistics.median(_times(fn, device, reps))}

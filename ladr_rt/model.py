@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend, key_padding
+from .attention import context as attention_context
 from .config import ModelConfig
 
 
@@ -98,8 +99,9 @@ def run_trunk(wte: nn.Embedding, blocks: nn.ModuleList, ln_f: RMSNorm, input_ids
     (``attention.resolve``); the engine graph keeps the default, SDPA + bias, the portable path."""
     x = wte(input_ids)
     bias = None if key_mask is None else key_padding(key_mask, x.dtype, attention)
-    for block in blocks:
-        x = block(x, cos, sin, bias, attention)
+    with attention_context(attention):
+        for block in blocks:
+            x = block(x, cos, sin, bias, attention)
     return ln_f(x)
 
 
