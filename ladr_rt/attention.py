@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,9 @@ def _flex():
 
 
 flex_compile_cpu = False
+# The eager flex on CPU is chosen knowingly (it is what --attention flex runs there): its
+# multi-line advice to compile would only clutter a user's terminal.
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
 
 
 def _flex_block_mask(key_mask: torch.Tensor):

@@ -13,9 +13,6 @@ from ladr_rt.config import ImageSpec, TokenLayout
 from ladr_rt.denoiser import EagerDenoiser
 from ladr_rt.tokens import SequenceLayout
 
-# eager FlexAttention on CPU is the reference implementation, which says so once per process
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
