@@ -35,7 +35,7 @@ class CudaGraphs:
         try:
             with torch.cuda.stream(side):
                 fn()
-            graph = _tracked(torch.cuda.CUDAGraph)()
+            graph = _new_graph()
             if generators:
                 if not hasattr(graph, "register_generator_state"):
                     raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
@@ -44,6 +44,8 @@ class CudaGraphs:
                     graph.register_generator_state(g)
             with torch.cuda.graph(graph, stream=side):
                 fn()
+            if graph.exact:
+                graph.instantiate()  # kept apart from capture_end: see _new_graph
         except BaseException:
             # torch.cuda.graph leaves its stream current when capture_begin or capture_end raises,
             # and a graph whose capture failed still holds its memory pool and generator entry.
@@ -73,8 +75,9 @@ class CudaGraphs:
                 torch.cuda.current_device() if device.type == "cuda" else 0)
             with contextlib.suppress(Exception):  # capture_end may have closed it before it raised
                 torch._C._cuda_endAllocateToPool(index, graph.pool())
-            with contextlib.suppress(Exception):
-                torch._C._cuda_releasePool(index, graph.pool())
+            if graph.exact:  # else an ended capture may have failed later, and reset() releases the pool
+                with contextlib.suppress(Exception):
+                    torch._C._cuda_releasePool(index, graph.pool())
             graph.ended = True  # released: never again
         cur = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -89,6 +92,22 @@ class CudaGraphs:
                 torch.cuda.set_stream(cur)
             cur.wait_stream(side)
         dummy.reset()
+
+
+def _new_graph():
+    """A CUDAGraph that records how far its capture got (``began``, ``ended``). ``exact``: made
+    with ``keep_graph=True``, so capture_end stops where torch marks the capture ended and
+    instantiation is a call of its own: ``ended`` False then means torch will never release the
+    pool itself. Without keep_graph (older torch) a failed instantiation inside capture_end
+    would look the same, and releasing the pool there too would release it twice."""
+    cls = _tracked(torch.cuda.CUDAGraph)
+    try:
+        graph = cls(keep_graph=True)
+        graph.exact = True
+    except TypeError:
+        graph = cls()
+        graph.exact = False
+    return graph
 
 
 def _tracked(base):

@@ -215,6 +215,12 @@ def _graph_class(st, register: bool, end_error: Exception | None):
     class Graph:
         registered = False
 
+        def __init__(self, keep_graph=False):
+            self.keep_graph = keep_graph
+
+        def instantiate(self):
+            assert self.keep_graph, "instantiate is called only on a keep_graph capture"
+
         def capture_begin(self, *a, **kw):
             pass
 
