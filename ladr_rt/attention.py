@@ -87,12 +87,6 @@ def context(kernel: str):
 
 FLEX_BLOCK = 128
 _FLEX_COMPILED = None
-# Block masks by key-mask buffer. A pipeline's buffer keeps its address for its life, so the
-# mask is built once (outside any graph capture: the capture's warm-up call builds it) and
-# reads the buffer's current values at every call. Entries hold their buffer alive, so an
-# address cannot be reused by another tensor while cached; the cap bounds what they hold.
-_BLOCK_MASKS: dict[tuple, tuple[torch.Tensor, object]] = {}
-_BLOCK_MASKS_MAX = 8
 
 
 def _flex():
@@ -115,12 +109,18 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 
 
 def _flex_block_mask(key_mask: torch.Tensor):
+    """The block mask over ``key_mask``, built on the first call for that tensor and kept on it.
+
+    A pipeline's key-mask buffer keeps its address for its life, so its mask is built once (in
+    the warm-up call every capture runs first, never inside a graph) and reads the buffer's
+    current values at every call. Kept as an attribute of the buffer itself: a captured graph
+    reads the mask's block tables by address, so they must live exactly as long as the buffer
+    the graph was captured with; a cache with eviction could free them under a graph."""
+    bm = getattr(key_mask, "_ladr_block_mask", None)
+    if bm is not None:
+        return bm
     from torch.nn.attention.flex_attention import BlockMask
 
-    key = (key_mask.data_ptr(), tuple(key_mask.shape), key_mask.stride(), key_mask.device, key_mask.dtype)
-    hit = _BLOCK_MASKS.get(key)
-    if hit is not None and hit[0] is key_mask:
-        return hit[1]
     B, L = key_mask.shape
     n = -(-L // FLEX_BLOCK)
     dev = key_mask.device
@@ -132,9 +132,8 @@ def _flex_block_mask(key_mask: torch.Tensor):
     kv_num = torch.full((B, 1, n), n, dtype=torch.int32, device=dev)
     kv_idx = torch.arange(n, dtype=torch.int32, device=dev).expand(B, 1, n, n).contiguous()
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(L, L))
-    while len(_BLOCK_MASKS) >= _BLOCK_MASKS_MAX:
-        _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
-    _BLOCK_MASKS[key] = (key_mask, bm)
+    if km is key_mask:  # a converted copy would not follow later writes to the buffer: not kept
+        key_mask._ladr_block_mask = bm
     return bm
 
 
