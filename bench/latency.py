@@ -552,6 +552,9 @@ def gpu_row(pipe, cfg: ModelConfig, device: torch.device, peak: float, warmup: i
     pipe.key_mask.copy_(mask)
     row: dict = {"seq_len": L, "n_image": N, "rows": 2, "ids_dtype": str(den.ids_dtype).replace("torch.", ""),
                  "logits_dtype": str(den.logits_dtype).replace("torch.", "")}
+    from ladr_rt.attention import describe
+
+    row["attention"] = describe(den, cfg.head_dim, L, cfg.n_heads)  # the kernel this row's evaluation runs
 
     # 1. evaluation: batch-2 CFG (cond + uncond rows), image-code logits only
     ev = event_times(lambda: den(pipe.ids, pipe.key_mask, pipe.logits), device, warmup, reps)

@@ -218,9 +218,38 @@ def export_onnx(graph: EngineGraph, path: Path, batch_rows: int, seq_len: int, o
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (ids, mask), str(path), dynamo=True, external_data=True, opset_version=opset,
                           input_names=list(INPUTS), output_names=list(OUTPUTS), optimize=True, verbose=False)
+    _release_rewriter_matches()
     if not Path(str(path) + ".data").is_file():
         raise BuildError(f"the exporter wrote no external data file beside {path}; this torch "
                          f"({torch.__version__}) is not supported for export: use torch>=2.6")
+
+
+_MATCH_STATE = ("_graph", "_current_node", "_match", "_tracer")
+
+
+def _release_rewriter_matches() -> None:
+    """Drop what onnxscript's pattern matchers keep of their last match.
+
+    The optimizer's rewrite rules are module-level objects, and each one's matcher keeps the
+    last graph it matched (``_graph``, ``_match``, ...) until its next match. That graph holds
+    the exported module's own parameters as initialiser values, so after an export the model
+    outlived ``del`` and ``gc.collect()`` (at 8B, ~13 GiB kept on the GPU through the TensorRT
+    build). A matcher sets these fields afresh at the start of every match, so clearing them
+    between exports changes no later export."""
+    import gc
+    import sys
+
+    mod = sys.modules.get("onnxscript.rewriter._matcher")
+    base = getattr(mod, "PatternMatcher", None)
+    if base is None:  # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if base in type(obj).__mro__:  # not isinstance: the ABC hook touches deprecated lazy attributes
+            d = vars(obj)
+            for name in _MATCH_STATE:
+                if d.get(name) is not None:
+                    d[name] = None
+    gc.collect()
 
 
 class _quiet_exporter:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import SAMPLERS, ImageSpec, LadrParams, SamplerConfig
+from .config import ATTENTION_CHOICES, CUDA_GRAPH_CHOICES, SAMPLERS, ImageSpec, LadrParams, RunOptions, SamplerConfig
 from .fileio import Interrupted, atomic_write_all, signals_unwind
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -205,6 +205,30 @@ def _ladr(texts: tuple[str, ...], sampler: str) -> LadrParams:
         raise UserError(str(e)) from None
 
 
+def runtime_options(f):
+    """--cuda-graph and --attention: how the eager model runs (config.RunOptions)."""
+    f = click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto",
+                     help="Attention kernel of the eager model (auto: cuDNN attention on CUDA, SDPA elsewhere; "
+                          "docs/attention.md).")(f)
+    return click.option("--cuda-graph", "cuda_graph", type=click.Choice(CUDA_GRAPH_CHOICES), default="auto",
+                        help="Run each step of the eager model from a captured CUDA graph (on: CUDA only; auto: "
+                             "the device's default, docs/cuda-graphs.md).")(f)
+
+
+def _run_options(cuda_graph: str, attention: str, engine, device: str | None) -> RunOptions:
+    """The options, refused in one line where they cannot apply (an engine; a forced CUDA-only
+    choice on another device)."""
+    opts = RunOptions(cuda_graph=cuda_graph, attention=attention)
+    try:
+        if engine is not None:
+            opts.refuse_for_engine()
+        elif device is not None:
+            opts.validate(device.split(":")[0])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return opts
+
+
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -283,16 +307,17 @@ def main() -> None:
               help="Also write per-step masked/rescued counts, t_eff, evaluations and seconds as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar over steps (stderr).")
 @ladr_option
+@runtime_options
 def generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
-             dtype, out, save_tokens, trace_path, progress, ladr) -> None:
+             dtype, out, save_tokens, trace_path, progress, ladr, cuda_graph, attention) -> None:
     """Prompt -> PNG with the eager model, or with an engine from `ladr-rt build`."""
     with signals_unwind(GenerateInterrupted):
         _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler,
-                  device, dtype, out, save_tokens, trace_path, progress, ladr)
+                  device, dtype, out, save_tokens, trace_path, progress, ladr, cuda_graph, attention)
 
 
 def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cfg, temperature, seed, sampler, device,
-              dtype, out, save_tokens, trace_path, progress, ladr=()) -> None:
+              dtype, out, save_tokens, trace_path, progress, ladr=(), cuda_graph="auto", attention="auto") -> None:
     from .tokens import check_prompt
 
     scfg = SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, seed=seed,
@@ -313,6 +338,7 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
     if engine is not None and dtype != "auto":
         raise UserError("--dtype sets the eager model's precision; an engine's precision was fixed by `ladr-rt build "
                         "--precision`, so leave --dtype out with --engine")
+    run_opts = _run_options(cuda_graph, attention, engine, None)
     try:
         from .pipeline import LadrPipeline
 
@@ -322,7 +348,9 @@ def _generate(model_dir, engine, prompt, height, width, prompt_budget, steps, cf
             pipe = LadrPipeline.from_engine(engine, device, height, width, prompt_budget, model_dir=model_dir)
         else:
             dev, dt = _device_dtype(device, dtype)
-            pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev)
+            run_opts = _run_options(cuda_graph, attention, None, dev)
+            pipe = LadrPipeline.from_pretrained(model_dir, height, width, prompt_budget, dtype=dt, device=dev,
+                                                options=run_opts)
         dev, (height, width) = pipe.denoiser.device, (pipe.seq.spec.height, pipe.seq.spec.width)
         warning = pipe.prompt_warning(prompt)
         if warning:
@@ -382,7 +410,7 @@ def vocab(model_dir) -> None:
     from .tokens import vocabulary
 
     if model_dir is None:
-        from .testbed import model_dir as shipped
+        from .shipped import model_dir as shipped
 
         model_dir = shipped()
     try:
@@ -501,9 +529,10 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
                    "--engine directory's name; ladr-rt-testbed for the shipped model]")
 @click.option("--log-prompts", is_flag=True, help="Write each request's prompt in its access-log line.")
 @ladr_option
+@runtime_options
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
           temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus, served_model_name,
-          log_prompts) -> None:
+          log_prompts, cuda_graph, attention) -> None:
     """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /v1/models, GET /health,
     GET /metrics (docs/images-api.md)."""
     try:
@@ -520,11 +549,12 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
         dev, dt = (_device_dtype(device, "fp32")[0] if device != "auto" else "auto"), None
     else:
         dev, dt = _device_dtype(device, dtype)
+    run_opts = _run_options(cuda_graph, attention, engine, None if engine is not None else dev)
     opts = ServeOptions(model=model_dir, engine=engine, batch=batch, mode=mode, host=host, port=port,
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
                         sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
                         height=height, width=width, prompt_budget=prompt_budget,
-                        served_model_name=served_model_name, log_prompts=log_prompts)
+                        served_model_name=served_model_name, log_prompts=log_prompts, run=run_opts)
     scale = ScaleOptions(replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus)
     log = lambda m: click.echo(f"ladr-rt serve: {m}", err=True)  # noqa: E731
     try:

@@ -312,6 +312,55 @@ class ImageSpec:
             raise ValueError(f"--prompt-budget must be positive and at most {MAX_PROMPT_BUDGET}, got {self.prompt_budget}")
 
 
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")
+ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flex")
+# What --cuda-graph auto means on CUDA. Off until the GPU table shows the graphed path is not
+# slower than eager (docs/cuda-graphs.md); its parity with eager is tested on the GPU.
+CUDA_GRAPH_AUTO_ON_CUDA = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the eager model runs on its device (not an engine: a built engine runs its own).
+
+    ``cuda_graph``: ``on`` runs each step from a captured CUDA graph (the torch-graph denoiser:
+    whole-step capture, falling back to plain steps with a warning), ``off`` the eager denoiser,
+    ``auto`` the device's default (``CUDA_GRAPH_AUTO_ON_CUDA`` on CUDA, off elsewhere).
+    ``attention``: the attention kernel (``ladr_rt/attention.py``; docs/attention.md)."""
+
+    cuda_graph: str = "auto"
+    attention: str = "auto"
+
+    def validate(self, device_type: str | None = None) -> None:
+        """Choices checked; with ``device_type`` (cpu, cuda), also against the device."""
+        if self.cuda_graph not in CUDA_GRAPH_CHOICES:
+            raise ValueError(f"--cuda-graph {_show(self.cuda_graph)}: choose one of {', '.join(CUDA_GRAPH_CHOICES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"--attention {_show(self.attention)}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        if device_type is not None and device_type != "cuda":
+            if self.cuda_graph == "on":
+                raise ValueError(f"--cuda-graph on needs a CUDA device (CUDA graphs), not {device_type}; use "
+                                 "--cuda-graph auto or off")
+            if self.attention == "cudnn":
+                raise ValueError(f"--attention cudnn needs a CUDA device, not {device_type}; use --attention auto, "
+                                 "sdpa or flex")
+
+    def graphed(self, device_type: str) -> bool:
+        """Whether the torch-graph denoiser runs on this device (validated first)."""
+        self.validate(device_type)
+        if self.cuda_graph == "auto":
+            return device_type == "cuda" and CUDA_GRAPH_AUTO_ON_CUDA
+        return self.cuda_graph == "on"
+
+    def refuse_for_engine(self) -> None:
+        """An engine fixed its runtime when it was built: these options would be ignored."""
+        self.validate()
+        for flag, v in (("--cuda-graph", self.cuda_graph), ("--attention", self.attention)):
+            if v != "auto":
+                raise ValueError(f"{flag} sets how the eager model runs; an engine from `ladr-rt build` runs its own "
+                                 f"runtime, so leave {flag} out with --engine")
+
+
 # Limits on what a request may ask for: past them a run would only exhaust memory (a 1e9-step
 # trace, a 1e9-token row) before failing, so they are refused up front.
 MAX_SIDE = 8192  # pixels: a 512x512 token grid

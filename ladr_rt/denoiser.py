@@ -38,10 +38,13 @@ class EagerDenoiser:
     name = "eager"
     ids_dtype = torch.long
 
-    def __init__(self, model: DimooModel, image_positions: torch.Tensor):
+    def __init__(self, model: DimooModel, image_positions: torch.Tensor, attention: str = "auto"):
+        from .attention import resolve
+
         self.model = model
         p = next(model.parameters())
         self.device, self.logits_dtype = p.device, p.dtype
+        self.attention = resolve(attention, self.device)  # the kernel (attention.py); "auto": the device's default
         self.positions = image_positions.to(self.device)  # [N]
         # RoPE tables per sequence length, owned here and never replaced: a captured graph
         # reads them by address, and the model is shared with other denoisers (other L).
@@ -57,4 +60,5 @@ class EagerDenoiser:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(self.model(input_ids, key_mask, image_positions=self.positions, rope=self.rope(input_ids.shape[1])))
+        out.copy_(self.model(input_ids, key_mask, image_positions=self.positions, rope=self.rope(input_ids.shape[1]),
+                             attention=self.attention))

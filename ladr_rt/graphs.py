@@ -35,7 +35,7 @@ class CudaGraphs:
         try:
             with torch.cuda.stream(side):
                 fn()
-            graph = torch.cuda.CUDAGraph()
+            graph = _new_graph()
             if generators:
                 if not hasattr(graph, "register_generator_state"):
                     raise RuntimeError(f"torch {torch.__version__}'s CUDAGraph has no register_generator_state, so "
@@ -44,6 +44,8 @@ class CudaGraphs:
                     graph.register_generator_state(g)
             with torch.cuda.graph(graph, stream=side):
                 fn()
+            if graph.exact:
+                graph.instantiate()  # kept apart from capture_end: see _new_graph
         except BaseException:
             # torch.cuda.graph leaves its stream current when capture_begin or capture_end raises,
             # and a graph whose capture failed still holds its memory pool and generator entry.
@@ -51,11 +53,80 @@ class CudaGraphs:
                 torch.cuda.set_stream(cur)
             if graph is not None:
                 with contextlib.suppress(Exception):
+                    self.recover(device, graph)
+                with contextlib.suppress(Exception):
                     graph.reset()
             raise
         finally:
             cur.wait_stream(side)
         return graph
+
+    def recover(self, device: torch.device, graph) -> None:
+        """After ``graph``'s capture failed: what its unfinished capture left behind, undone.
+
+        torch (2.11) runs capture_end's epilogue only when the capture ended cleanly: otherwise the
+        default CUDA generator (and every registered one) stays in capture mode, so replaying an
+        earlier graph or drawing from it raises, and the graph's private pool is never released
+        (reset() releases only an ended capture). A one-kernel capture on a fresh stream runs
+        the prologue/epilogue pair to completion, which returns the default generator to normal;
+        the pool is closed to new allocations and released here."""
+        if graph.began and not graph.ended:
+            index = device.index if device.index is not None else (
+                torch.cuda.current_device() if device.type == "cuda" else 0)
+            with contextlib.suppress(Exception):  # capture_end may have closed it before it raised
+                torch._C._cuda_endAllocateToPool(index, graph.pool())
+            if graph.exact:  # else an ended capture may have failed later, and reset() releases the pool
+                with contextlib.suppress(Exception):
+                    torch._C._cuda_releasePool(index, graph.pool())
+            graph.ended = True  # released: never again
+        cur = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(cur)
+        x = torch.zeros(1, device=device)
+        dummy = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(dummy, stream=side):
+                x.add_(1)
+        finally:
+            if torch.cuda.current_stream(device) != cur:
+                torch.cuda.set_stream(cur)
+            cur.wait_stream(side)
+        dummy.reset()
+
+
+def _new_graph():
+    """A CUDAGraph that records how far its capture got (``began``, ``ended``). ``exact``: made
+    with ``keep_graph=True``, so capture_end stops where torch marks the capture ended and
+    instantiation is a call of its own: ``ended`` False then means torch will never release the
+    pool itself. Without keep_graph (older torch) a failed instantiation inside capture_end
+    would look the same, and releasing the pool there too would release it twice."""
+    cls = _tracked(torch.cuda.CUDAGraph)
+    try:
+        graph = cls(keep_graph=True)
+        graph.exact = True
+    except TypeError:
+        graph = cls()
+        graph.exact = False
+    return graph
+
+
+def _tracked(base):
+    """``base`` (torch.cuda.CUDAGraph) that records how far its capture got, which torch does
+    not expose: ``recover`` must release the pool of a capture that began and never ended.
+    Same class name: callers (the benchmark's rows) tell a graph replay by it."""
+
+    class CUDAGraph(base):
+        began = ended = False
+
+        def capture_begin(self, *a, **kw):
+            super().capture_begin(*a, **kw)
+            self.began = True
+
+        def capture_end(self):
+            super().capture_end()
+            self.ended = True
+
+    return CUDAGraph
 
 
 class StepGraphs:

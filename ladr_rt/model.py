@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend, key_padding
+from .attention import context as attention_context
 from .config import ModelConfig
 
 
@@ -57,7 +59,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # linear branch
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_bias):
+    def forward(self, x, cos, sin, attn_bias, attention: str = "sdpa"):
         B, L, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
@@ -67,8 +69,9 @@ class Block(nn.Module):
         if self.n_kv_heads != self.n_heads:  # GQA: share each kv head across its query group
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # Bidirectional: no causal mask. attn_bias [B, 1, 1, L] only hides left-padding keys.
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=False)
+        # Bidirectional: no causal mask. attn_bias (attention.key_padding: [B, 1, 1, L] bias, or a
+        # FlexAttention block mask) only hides left-padding keys.
+        a = attend(q, k, v, attn_bias, attention)
         x = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -88,14 +91,17 @@ def key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def run_trunk(wte: nn.Embedding, blocks: nn.ModuleList, ln_f: RMSNorm, input_ids: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+              cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+              attention: str = "sdpa") -> torch.Tensor:
     """Embedding -> blocks -> final norm, [B, L] ids -> [B, L, d]; the reference model and
     the engine graph both run the stack through here, so they cannot drift apart.
-    The key-padding bias is built once here, not per layer."""
+    The key-padding mask is built once here, not per layer. ``attention``: a resolved kernel
+    (``attention.resolve``); the engine graph keeps the default, SDPA + bias, the portable path."""
     x = wte(input_ids)
-    bias = None if key_mask is None else key_bias(key_mask, x.dtype)
-    for block in blocks:
-        x = block(x, cos, sin, bias)
+    bias = None if key_mask is None else key_padding(key_mask, x.dtype, attention)
+    with attention_context(attention):
+        for block in blocks:
+            x = block(x, cos, sin, bias, attention)
     return ln_f(x)
 
 
@@ -144,16 +150,16 @@ class DimooModel(nn.Module):
         return rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
 
     def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
-               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None, attention: str = "sdpa") -> torch.Tensor:
         """Final-norm hidden states [B, L, d]."""
         t = self.model.transformer
         cos, sin = rope if rope is not None else self.rope(input_ids.shape[1], input_ids.device)
-        return run_trunk(t.wte, t.blocks, t.ln_f, input_ids.long(), cos, sin, key_mask)
+        return run_trunk(t.wte, t.blocks, t.ln_f, input_ids.long(), cos, sin, key_mask, attention)
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
                 image_positions: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        h = self.hidden(input_ids, key_mask, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, attention: str = "sdpa") -> torch.Tensor:
+        h = self.hidden(input_ids, key_mask, rope, attention)
         if image_positions is None:
             return F.linear(h, self.head_weight)
         lay = self.cfg.layout

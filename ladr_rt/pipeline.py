@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ImageSpec, ModelConfig, SamplerConfig, TokenLayout
+from .config import ImageSpec, ModelConfig, RunOptions, SamplerConfig, TokenLayout
 from .denoiser import Denoiser
 from .graphs import CUDA_GRAPHS, CudaGraphs, StepGraphs
 from . import threads
@@ -144,12 +144,15 @@ class LadrPipeline:
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
                         prompt_budget: int | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                        batch: int = 1, cpu_threads: int | None = None) -> "LadrPipeline":
-        """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
-        ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default; ``dtype`` None: the CLI's ``--dtype auto``
-        (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``); ``cpu_threads`` None: torch's
-        intra-op threads chosen from the model's size on the CPU (``ladr_rt/threads.py``)."""
+                        batch: int = 1, cpu_threads: int | None = None,
+                        options: RunOptions = RunOptions()) -> "LadrPipeline":
+        """The pipeline over the model itself. ``model_dir`` None: the testbed model shipped in the
+        package; ``height``/``width`` None: the model's default size (config.json
+        ``ladr_default_size``); ``prompt_budget`` None: ``ImageSpec``'s default; ``dtype`` None: the
+        CLI's ``--dtype auto`` (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``);
+        ``cpu_threads`` None: torch's intra-op threads chosen from the model's size on the CPU
+        (``ladr_rt/threads.py``). ``options``: the denoiser (eager, or torch-graph with
+        ``cuda_graph``) and its attention kernel."""
         from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config, resolve_dtype
         from .denoiser import EagerDenoiser
         from .vq import load_vq
@@ -160,6 +163,7 @@ class LadrPipeline:
         batch = _batch_arg(batch)
         threads.choose(None, cpu_threads)  # a bad count: refused before anything loads
         dtype = resolve_dtype(dtype, device)
+        graphed = options.graphed(torch.device(device).type)  # a forced choice the device lacks: refused before loading
         if model_dir is None:
             from . import shipped
 
@@ -178,8 +182,13 @@ class LadrPipeline:
         vq = load_vq(model_dir, device, cfg.layout)
         model = load_model(model_dir, dtype=dtype, device=device)
         seq = SequenceLayout(spec, cfg.layout)
-        pipe = cls(EagerDenoiser(model, seq.image_positions), tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg,
-                   cfg.vocab_size, cpu_threads)
+        if graphed:
+            from .engines.torch_graph import TorchGraphDenoiser
+
+            den = TorchGraphDenoiser(model, seq.image_positions, options.attention)
+        else:
+            den = EagerDenoiser(model, seq.image_positions, options.attention)
+        pipe = cls(den, tokenizer, vq, cfg.layout, spec, batch, cfg.default_cfg, cfg.vocab_size, cpu_threads)
         pipe.model_config = cfg
         return pipe
 
@@ -302,6 +311,12 @@ class LadrPipeline:
             # leave it flagged as capturing (every later draw would raise): continue on a fresh
             # generator holding the saved state.
             s.gens[:] = [torch.Generator(device=g.device) for g in s.gens]
+            # The denoiser's own evaluation graph (torch-graph) was captured before this failure
+            # and the plain steps that follow would replay it: dropped, so the denoiser captures
+            # afresh (or runs eagerly, warned, if that capture fails as well).
+            drop = getattr(self.denoiser, "drop_graph", None)
+            if drop is not None:
+                drop()
         finally:
             if own_graph is not None:
                 self.denoiser.cuda_graph = own_graph

@@ -161,8 +161,13 @@ def fake_cuda(monkeypatch):
         def wait_stream(self, other):
             pass
 
-    st = types.SimpleNamespace(current=Stream(name="default"), resets=0, graph=None)
+    st = types.SimpleNamespace(current=Stream(name="default"), resets=0, graph=None, pool_calls=[], ended=0)
     st.default = st.current
+    # the allocator's pool calls a recovery makes (CPU builds may lack them)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda dev, pool: st.pool_calls.append(("end", pool)),
+                        raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda dev, pool: st.pool_calls.append(("release", pool)),
+                        raising=False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: st.current)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(st, "current", s))
@@ -181,6 +186,8 @@ def fake_cuda(monkeypatch):
 
         def __enter__(self):
             self.prev, st.current = st.current, self.stream
+            if hasattr(self.g, "capture_begin"):
+                self.g.capture_begin()
 
         def __exit__(self, *exc):
             self.g.capture_end()
@@ -202,10 +209,28 @@ class CpuCudaGraphs(CudaGraphs):
 
 
 def _graph_class(st, register: bool, end_error: Exception | None):
+    """A step's graph (generators registered) fails its capture_end with ``end_error``; the
+    recovery's one-kernel graph (none registered) ends cleanly, as on a device."""
+
     class Graph:
+        registered = False
+
+        def __init__(self, keep_graph=False):
+            self.keep_graph = keep_graph
+
+        def instantiate(self):
+            assert self.keep_graph, "instantiate is called only on a keep_graph capture"
+
+        def capture_begin(self, *a, **kw):
+            pass
+
+        def pool(self):
+            return (0, 7)
+
         def capture_end(self):
-            if end_error is not None:
+            if end_error is not None and self.registered:
                 raise end_error
+            st.ended += 1
 
         def reset(self):
             st.resets += 1
@@ -214,7 +239,7 @@ def _graph_class(st, register: bool, end_error: Exception | None):
             raise AssertionError("a failed capture must never be replayed")
 
     if register:
-        Graph.register_generator_state = lambda self, gen: None
+        Graph.register_generator_state = lambda self, gen: setattr(self, "registered", True)
     return Graph
 
 
@@ -246,7 +271,12 @@ def test_failed_capture_warns_restores_everything_and_runs_plain_steps(latency, 
     assert torch.equal(pipe.ids, ids_before) and torch.equal(state.gen.get_state(), gen_before)
     assert state.gen is not old_gen  # a fresh generator: the old one took part in an unfinished capture
     assert fake_cuda.current is fake_cuda.default, "the capture stream was left current"
-    assert fake_cuda.resets == 1  # the half-made graph was reset
+    assert fake_cuda.resets == 2  # the half-made graph, and the recovery's own one-kernel graph
+    # recovery: a capture that ended cleanly (its epilogue returns the default generator to normal),
+    # and the failed capture's pool closed and released when that capture had begun
+    assert fake_cuda.ended == 1
+    began = register  # without register_generator_state the capture never began
+    assert fake_cuda.pool_calls == ([("end", (0, 7)), ("release", (0, 7))] if began else [])
     run()
     assert int(state.step) == 1
     with warnings.catch_warnings():
@@ -546,3 +576,67 @@ def test_torch_graph_denoiser_capture_failure_warns_and_runs_eagerly(latency):
     den(ids, mask, out)
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
+
+
+def test_failed_step_capture_drops_the_denoisers_own_graph(latency, model, fake_cuda, monkeypatch):
+    """A failed whole-step capture falls back to plain steps, which call the denoiser: a
+    torch-graph denoiser would replay the evaluation graph it captured before the failure."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _graph_class(fake_cuda, True, RuntimeError("capture invalidated")))
+
+    class OwnGraph(GraphSafeEager):
+        cuda_graph = True
+        dropped = 0
+
+        def drop_graph(self):
+            self.dropped += 1
+
+    pipe = make_pipe(latency, model, True)
+    pipe.denoiser = OwnGraph(model, pipe.seq.image_positions)
+    pipe.graphs = CpuCudaGraphs()
+    with pytest.warns(RuntimeWarning, match="capture of the step failed"):
+        pipe.generate_codes(PROMPT, SamplerConfig(name="ladr", steps=3, temperature=1.0, cfg=2.0))
+    assert pipe.denoiser.dropped == 1 and pipe.denoiser.cuda_graph is True
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_real_failed_capture_leaves_the_generator_and_earlier_graphs_usable(latency):
+    """torch 2.11: capture_end throws before its epilogue, leaving the default generator in
+    capture mode. After the recovery, drawing from it and replaying a graph captured before the
+    failure (one that draws from it) both work, and the torch-graph denoiser recaptured."""
+    from ladr_rt.engines.torch_graph import TorchGraphDenoiser
+
+    noise = torch.empty(16, device="cuda")
+    fn = lambda: noise.normal_()  # noqa: E731  default generator
+    earlier = CudaGraphs().capture(fn, torch.device("cuda"))
+    earlier.replay()
+
+    pipe = _cuda_pipe(latency, graph=True)
+    from ladr_rt.tokens import build_rows
+
+    ids, mask = build_rows(pipe.tokenizer, [PROMPT], pipe.seq)
+    pipe.ids.copy_(ids)
+    pipe.key_mask.copy_(mask)
+    pipe.denoiser(pipe.ids, pipe.key_mask, pipe.logits)  # its own evaluation graph, captured now
+    assert isinstance(pipe.denoiser, TorchGraphDenoiser) and pipe.denoiser.graph is not None
+
+    def host_read_when_capturing(module, args, output):
+        if torch.cuda.is_current_stream_capturing():
+            float(output.reshape(-1)[0])
+
+    hook = pipe.denoiser.model.register_forward_hook(host_read_when_capturing)
+    try:
+        cfg = SamplerConfig(name="ladr", steps=4, temperature=1.0, cfg=2.0, seed=2)
+        with pytest.warns(RuntimeWarning, match="capture of the step failed"):
+            pipe.step_runner(make_sampler(cfg, pipe._state(cfg.steps)))
+    finally:
+        hook.remove()
+    assert pipe.denoiser.graph is None  # dropped
+    torch.randn(4, device="cuda")  # raises while the default generator is left capturing
+    before = noise.clone()
+    earlier.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(noise, before)
+    plain = _cuda_pipe(latency, graph=False)
+    cfg = SamplerConfig(name="ladr", steps=4, temperature=1.0, cfg=2.0, seed=2)
+    _same_run(pipe.generate_codes(PROMPT, cfg), plain.generate_codes(PROMPT, cfg))

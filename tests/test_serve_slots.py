@@ -18,6 +18,7 @@ from ladr_rt.config import SAMPLERS, SamplerConfig
 from ladr_rt.pipeline import LadrPipeline
 from ladr_rt.samplers import RunState, make_sampler
 from ladr_rt.serve import QueueFull, Scheduler
+from conftest import requires_cuda
 from test_samplers import MASK_ID, no_host_reads
 
 H, W, K, T = 5, 6, 16, 12
@@ -414,3 +415,86 @@ def test_a_finished_request_is_freed_without_the_cyclic_gc(pipes):
             assert [r() for r in refs] == [None, None]
     finally:
         gc.enable()
+
+
+def test_decode_thread_copies_codes_on_the_decode_stream(pipes, solo_codes, monkeypatch):
+    """The finished codes' host copy runs on the decode stream and waits on its own event: a
+    copy on the default stream (``grid.cpu()`` after the decode block) queues behind the step
+    the loop launched since. torch.cuda's stream pieces are faked here; the GPU test below
+    runs the real ones."""
+    import contextlib
+
+    from ladr_rt.serve import scheduler as sched_mod
+
+    current = ["default"]
+
+    class FakeStream:
+        def wait_event(self, ev):
+            pass
+
+    class FakeEvent:
+        synced = 0
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            FakeEvent.synced += 1
+
+    @contextlib.contextmanager
+    def stream(s):
+        prev, current[0] = current[0], s
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    copies = []
+
+    def copy_to_host(grid):
+        copies.append(current[0])
+        return grid.clone(), FakeEvent()
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    monkeypatch.setattr(sched_mod, "_copy_to_host", copy_to_host)
+    sched = Scheduler(pipes[1], BATCH_CFG, start=False)
+    decode_stream = sched._decode_stream = FakeStream()
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)  # the step side's "ready" event too
+    try:
+        p, seed, steps, g = REQUESTS[1]
+        fut = sched.submit(p, seed=seed, steps=steps, cfg=g)
+        sched.run_until_idle()
+        _check({1: fut.result(timeout=30)}, solo_codes)
+    finally:
+        sched.close()
+    assert copies == [decode_stream] and FakeEvent.synced == 1
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_decode_thread_host_copy_does_not_wait_for_the_default_stream(tiny_ckpt):
+    """A finished grid's codes reach its future while the default stream is still busy (a
+    ~1 s sleep kernel stands in for the next step)."""
+    import types
+    from concurrent.futures import Future
+
+    p = LadrPipeline.from_pretrained(tiny_ckpt, height=48, width=80, prompt_budget=32, device="cuda")
+    pipe = LadrPipeline(p.denoiser, p.tokenizer, GreyVQ(), p.layout, p.seq.spec, 1, p.default_cfg, p.vocab_size)
+    sched = Scheduler(pipe, BATCH_CFG, start=False)
+    try:
+        grid = torch.randint(0, 100, (1, 3, 5), device="cuda")
+        want = grid.cpu()
+        ready = torch.cuda.Event()
+        ready.record()
+        torch.cuda._sleep(2_000_000_000)  # the next step, on the default stream
+        req = types.SimpleNamespace(future=Future(), guidance=4.0, admitted_step=0, admitted=0.0, submitted=0.0)
+        sched._decode(grid, ready, [(0, req, {"rescued": []}, 0.0)])
+        assert req.future.done()
+        busy = not torch.cuda.current_stream().query()
+        assert torch.equal(torch.from_numpy(req.future.result().codes), want[0])
+        assert busy, "the host copy waited for the default stream's next step"
+    finally:
+        torch.cuda.synchronize()
+        sched.close()

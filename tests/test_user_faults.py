@@ -119,7 +119,7 @@ def test_init_tiny_through_a_symlink_to_a_directory(tmp_path):
 # ----------------------------------------------------------------- another model's tokenizer
 
 def test_another_models_tokenizer_is_refused_at_load(tiny_ckpt, tmp_path):
-    from ladr_rt.testbed import model_dir as shipped
+    from ladr_rt.shipped import model_dir as shipped
 
     d = tmp_path / "mixed"
     d.mkdir()

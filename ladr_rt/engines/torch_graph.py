@@ -18,13 +18,22 @@ class TorchGraphDenoiser(EagerDenoiser):
     name = "torch-graph"
     graph_safe = True
 
-    def __init__(self, model, image_positions: torch.Tensor):
-        super().__init__(model, image_positions)
+    def __init__(self, model, image_positions: torch.Tensor, attention: str = "auto"):
+        super().__init__(model, image_positions, attention)
         if self.device.type != "cuda":
             raise EngineError("the torch-graph backend needs a CUDA device (CUDA graphs); use the eager backend on CPU")
         self.graph: torch.cuda.CUDAGraph | None = None
         self._bound: tuple | None = None
         self.cuda_graph = True  # False: plain eager calls (the pipeline sets it while it graphs the whole step)
+
+    def drop_graph(self) -> None:
+        """Forget the captured evaluation: the next call captures again."""
+        if self.graph is not None:
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                self.graph.reset()
+        self.graph, self._bound = None, None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, key_mask: torch.Tensor, out: torch.Tensor) -> None:

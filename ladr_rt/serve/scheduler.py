@@ -322,10 +322,15 @@ class Scheduler:
                 with torch.cuda.device(grid.device), torch.cuda.stream(self._decode_stream):
                     self._decode_stream.wait_event(ready)
                     grid.record_stream(self._decode_stream)  # the caching allocator must not reuse it early
+                    # On the decode stream: a copy on the default stream would queue behind the
+                    # step the loop has launched since, and hold the finished requests one more step.
+                    host, copied = _copy_to_host(grid)
                     images = self.pipe.decode(grid)
+                copied.synchronize()  # this copy only, not the step loop's work
+                grid_np = host.numpy()
             else:
                 images = self.pipe.decode(grid)
-            grid_np = grid.cpu().numpy()
+                grid_np = grid.cpu().numpy()
         except Exception as e:
             for _, req, _, _ in ok:
                 _settle(req.future, exc=e)
@@ -362,6 +367,16 @@ class Scheduler:
                         self._slots[b] = None
                         _settle(r.future, exc=e)
 
+
+
+def _copy_to_host(grid: torch.Tensor):
+    """On the current stream: ``grid`` copied into pinned host memory without blocking, and an
+    event recorded after the copy, whose ``synchronize`` waits for that stream's work only."""
+    host = torch.empty(grid.shape, dtype=grid.dtype, pin_memory=True)
+    host.copy_(grid, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def _cancelled(sched_ref, req_ref, fut: Future) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LADR_SAMPLERS, SamplerConfig
+from ..config import LADR_SAMPLERS, RunOptions, SamplerConfig
 from .scheduler import MODES, Scheduler
 
 DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
@@ -39,6 +39,7 @@ class ServeOptions:
     max_n: int = 8
     served_model_name: str | None = None  # the id at /v1/models; None: model_id()'s default
     log_prompts: bool = False  # the access log writes each request's prompt
+    run: RunOptions = RunOptions()  # CUDA graphs and attention of the eager model
 
     def model_id(self) -> str:
         """The id /v1/models lists and a request's ``model`` must match (when sent): the
@@ -88,7 +89,7 @@ class ServeOptions:
             else:
                 pipe = LadrPipeline.from_pretrained(self.model, self.height, self.width, self.prompt_budget,
                                                     dtype=self.dtype, device=self.device,
-                                                    batch=batch or DEFAULT_BATCH)
+                                                    batch=batch or DEFAULT_BATCH, options=self.run)
             sched = Scheduler(pipe, self.sampler, mode=self.mode, max_queue=self.max_queue)
             try:
                 warm_up(sched)
