@@ -68,14 +68,24 @@ class LadrPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir=None, height: int | None = None, width: int | None = None,
-                        prompt_budget: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        batch: int = 1) -> "LadrPipeline":
+                        prompt_budget: int | None = None, dtype: torch.dtype | str = torch.float32,
+                        device: str = "cpu", batch: int = 1) -> "LadrPipeline":
         """The eager pipeline. ``model_dir`` None: the testbed model shipped in the package;
         ``height``/``width`` None: the model's default size (config.json ``ladr_default_size``);
-        ``prompt_budget`` None: ``ImageSpec``'s default."""
-        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config
+        ``prompt_budget`` None: ``ImageSpec``'s default. ``dtype``: a torch dtype or its name
+        ("fp32", "bf16", "fp16", "fp8": e4m3 trunk linears, see ``ladr_rt.fp8``)."""
+        from .checkpoint import DTYPES, CheckpointError, load_model, load_tokenizer, read_config
         from .denoiser import EagerDenoiser
         from .vq import load_vq
+
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        if dtype == DTYPES["fp8"]:  # before the weights load: a GPU without fp8 is refused up front
+            from .fp8 import check_fp8_device
+
+            check_fp8_device(device)
 
         if model_dir is None:
             from .testbed import model_dir as shipped
