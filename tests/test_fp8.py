@@ -74,23 +74,24 @@ def test_tiny_checkpoint_loads_fp8_trunk_only(tiny_ckpt):
 
 
 def test_shipped_model_fp8_codes_agree_with_fp32():
-    """Temperature 0, same prompts: the fp8 run's final codes against the fp32 run's. Measured on
-    the shipped v2 model (2026-12-04, torch 2.13 CPU): 0.84-0.98 per prompt at baseline T=32; a
-    wrong scale layout or a dropped layer gives ~0.1 or less. Also one evaluation on the same input:
-    the guided argmax agrees at >= 0.95 of the image positions (0.99 measured)."""
+    """Temperature 0, same prompts: the fp8 run's final codes against the fp32 run's, at 128x128
+    (8x8 codes) and baseline T=16 to stay quick. Measured on the shipped v2 model (2026-12-04,
+    torch 2.13 CPU, /tmp script beside bench/fp8_study.py): 1.0, 1.0, 1.0, 0.953 over four prompts
+    (at 256x256 the longer trajectories drift further: 0.68-0.87 at T=16); codes that ignore the
+    weights would agree at ~1/79. Also one evaluation on the same input: the guided argmax agrees
+    at >= 0.95 of the image positions (bench/fp8_study.json: 0.99 along whole trajectories)."""
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
 
     torch.set_num_threads(1)
-    pipes = {d: LadrPipeline.from_pretrained(None, dtype=d) for d in ("fp32", "fp8")}
+    pipes = {d: LadrPipeline.from_pretrained(None, 128, 128, 24, dtype=d) for d in ("fp32", "fp8")}
     assert isinstance(pipes["fp8"].denoiser.model.model.transformer.blocks[0].q_proj, Fp8Linear)
     shares = []
-    for prompt in ("a red circle and a blue square", "three triangles"):
-        codes = {d: p.generate_codes(prompt, SamplerConfig(name="baseline", steps=32, temperature=0.0, seed=0))[0]
+    for prompt in ("a red circle and a blue square", "a circle left of a triangle"):
+        codes = {d: p.generate_codes(prompt, SamplerConfig(name="baseline", steps=16, temperature=0.0, seed=0))[0]
                  for d, p in pipes.items()}
         shares.append(float((codes["fp32"] == codes["fp8"]).float().mean()))
-    print("agreement", shares)
-    assert min(shares) >= 0.7, shares
+    assert min(shares) >= 0.85, shares
     p32 = pipes["fp32"]
     ids, km = p32.prompt_rows("a red circle")
     logits = {}
