@@ -177,7 +177,9 @@ def _latency():
     return mod
 
 
-STAGE2_BACKENDS = "official,eager,torch-graph,tensorrt"  # onnxruntime: the device image's is CPU-only
+# onnxruntime: the device image's is CPU-only. The fp8 rows (eager-fp8, torch-graph-fp8) run beside
+# the bf16 ones at each resolution; their speed-up over bf16 is stage2.json's fp8_vs_bf16.
+STAGE2_BACKENDS = "official,eager,torch-graph,eager-fp8,torch-graph-fp8,tensorrt"
 
 
 def stage2(c: Check, timeout: float) -> dict:
@@ -203,7 +205,7 @@ def stage2(c: Check, timeout: float) -> dict:
     status = "timeout" if timed_out else ("ok" if rc == 0 and res.get("rows") and not failed else "failed")
     return {"status": status, "rc": rc, "timed_out": timed_out, "rows": len(res.get("rows", [])),
             "skipped": [{k: v for k, v in s.items() if k != "traceback"} for s in res.get("skipped", [])],
-            "speedup_vs_official": res.get("speedup_vs_official", {})}
+            "speedup_vs_official": res.get("speedup_vs_official", {}), "fp8_vs_bf16": res.get("fp8_vs_bf16", {})}
 
 
 # ------------------------------------------------------------------ stage 3: export, TensorRT
