@@ -166,6 +166,30 @@ def test_8b_weight_bytes_match_the_model_built_from_the_config():
     assert 30 < gib["fp32"] < 32 and 15 < gib["bf16"] < 16 and 8.5 < gib["fp8"] < 9.5  # the numbers docs/fp8.md gives
 
 
+def test_memory_script_reports_config_numbers_and_refuses_fp8_cards(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ladr_rt.config import ModelConfig
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fp8_memory.py"
+    spec = importlib.util.spec_from_file_location("fp8_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--size", "1024"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for p in ("fp32", "bf16", "fp8"):
+        assert last[p] == round(fp8.weight_bytes(ModelConfig(), p)["total"] / 2 ** 30, 3)
+    rep = mod.report(1024)
+    cards = {c["card"]: c for c in rep["cards"]}
+    assert cards["A100 80 GB"]["fp8"] == "no fp8 tensor cores" and cards["H100 80 GB"]["fp8"] == "yes"
+    # fp8's temporaries make its activations larger than bf16's, its weights far smaller
+    pr = rep["precisions"]
+    assert pr["fp8"]["activations_est_gib"]["fused_attention"] > pr["bf16"]["activations_est_gib"]["fused_attention"]
+    assert pr["fp8"]["weights_gib"] < 0.6 * pr["bf16"]["weights_gib"]
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_fp8_layer_on_cuda_matches_reference():
