@@ -191,6 +191,49 @@ def assemble(testbed: str, rows: list[dict], greedy: dict) -> dict:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The report's tables (docs/fp8.md quotes them): greedy agreement and margins, then the rows."""
+    from ladr_rt.testbed import CATEGORIES
+
+    short = {"single_object": "single", "two_object": "two obj", "counting": "count", "colors": "colours",
+             "position": "position", "color_attr": "attr"}
+    s = report["settings"]
+    out = [f"Command: `{report['command']}` — {report['date']}, git {report['git_commit']}, {report['minutes']} min. "
+           f"Machine: {report['machine']}. {s['prompts']} held-out prompts x seeds {s['seeds']}, {s['size']}x{s['size']} px."]
+    for tb, rep in report["testbeds"].items():
+        g, m = rep["greedy"], rep["greedy"]["margins"]
+        out.append(f"\n**Testbed {tb}**, temperature 0 ({g['images']} prompts, seed 0): final codes equal between fp32 and "
+                   "fp8 — " + "; ".join(f"{k.split(' ', 1)[1]}: {100 * v['mean']:.1f}% (lowest image {100 * v['min']:.1f}%, "
+                                        f"{v['identical_images']} identical)" for k, v in g.items()
+                                        if k.startswith("token_agreement")) + ".")
+        out.append(f"Margins (top-1 minus top-2 of the guided probabilities, cfg {m['cfg']}) at {m['masked_positions']} "
+                   f"masked positions along the fp32 greedy baseline T=64 runs, fp8 on the same inputs: median "
+                   f"{m['fp32']['q50']:.3f} (fp32) vs {m['fp8']['q50']:.3f} (fp8), mean {m['fp32']['mean']:.3f} vs "
+                   f"{m['fp8']['mean']:.3f}; paired difference fp8 - fp32: mean {m['fp8_minus_fp32']['mean']:+.4f}, "
+                   f"10-90% [{m['fp8_minus_fp32']['q10']:+.3f}, {m['fp8_minus_fp32']['q90']:+.3f}], mean |diff| "
+                   f"{m['abs_diff_mean']:.4f}, 99th percentile |diff| {m['abs_diff_q99']:.3f}; argmax equal at "
+                   f"{100 * m['argmax_equal_share']:.1f}%; on the other side of tau {TAU} at "
+                   f"{100 * m[f'tau_{TAU}_side_flips_share']:.1f}%.")
+        head = "| row | precision | overall | " + " | ".join(short[c] for c in CATEGORIES) + \
+               " | evals/image | equal-cost baseline | fp8 - fp32 (points) | flips (to fail / to pass) |"
+        out += ["", head, "|" + "---|" * (head.count("|") - 1)]
+        for label, r in rep["rows"].items():
+            for prec in PRECISIONS:
+                x = r[prec]
+                eq = x.get("equal_cost_baseline")
+                tail = (f" {r['fp8_minus_fp32_points']:+.1f} | {r['flips_to_fail']} / {r['flips_to_pass']} |"
+                        if prec == "fp8" else " | |")
+                out.append(f"| {label} | {prec} | {100 * x['overall']:.1f} | " +
+                           " | ".join("–" if c not in x["categories"] else f"{100 * x['categories'][c]:.0f}"
+                                      for c in CATEGORIES) +
+                           f" | {x['evaluations_mean']:.1f} | {'–' if eq is None else f'{100 * eq:.1f}'} |" + tail)
+        flips = [(label, f) for label, r in rep["rows"].items() for f in r["flips"]]
+        out.append("\nImages that flip: " + ("none" if not flips else "; ".join(
+            f"{label}: \"{f['prompt']}\" ({f['category']}, seed {f['seed']}) {'pass -> fail' if f['fp32'] else 'fail -> pass'}"
+            for label, f in flips)) + ".")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbeds", nargs="+", choices=("v2", "v3"), default=["v2", "v3"])
@@ -200,7 +243,12 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-budget", type=int, default=24)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=str(HERE / "fp8_study.json"))
+    ap.add_argument("--markdown", nargs="+", metavar="JSON", help="only print the tables of finished runs' JSON")
     args = ap.parse_args(argv)
+    if args.markdown:
+        for f in args.markdown:
+            print(markdown(json.loads(Path(f).read_text())) + "\n")
+        return
     if args.per_category < 1 or args.jobs < 1 or any(not 0 <= s < 2 ** 40 for s in args.seeds):
         ap.error("--per-category and --jobs must be at least 1, --seeds between 0 and 2**40")
     t0 = time.perf_counter()
