@@ -201,19 +201,23 @@ def markdown(report: dict) -> str:
     out = [f"Command: `{report['command']}` — {report['date']}, git {report['git_commit']}, {report['minutes']} min. "
            f"Machine: {report['machine']}. {s['prompts']} held-out prompts x seeds {s['seeds']}, {s['size']}x{s['size']} px."]
     for tb, rep in report["testbeds"].items():
-        g, m = rep["greedy"], rep["greedy"]["margins"]
-        out.append(f"\n**Testbed {tb}**, temperature 0 ({g['images']} prompts, seed 0): final codes equal between fp32 and "
+        g = rep["greedy"]
+        if g is None:
+            out.append(f"\n**Testbed {tb}** (no temperature-0 part in this run)")
+        else:
+            m = g["margins"]
+            out.append(f"\n**Testbed {tb}**, temperature 0 ({g['images']} prompts, seed 0): final codes equal between fp32 and "
                    "fp8 — " + "; ".join(f"{k.split(' ', 1)[1]}: {100 * v['mean']:.1f}% (lowest image {100 * v['min']:.1f}%, "
                                         f"{v['identical_images']} identical)" for k, v in g.items()
                                         if k.startswith("token_agreement")) + ".")
-        out.append(f"Margins (top-1 minus top-2 of the guided probabilities, cfg {m['cfg']}) at {m['masked_positions']} "
-                   f"masked positions along the fp32 greedy baseline T=64 runs, fp8 on the same inputs: median "
-                   f"{m['fp32']['q50']:.3f} (fp32) vs {m['fp8']['q50']:.3f} (fp8), mean {m['fp32']['mean']:.3f} vs "
-                   f"{m['fp8']['mean']:.3f}; paired difference fp8 - fp32: mean {m['fp8_minus_fp32']['mean']:+.4f}, "
-                   f"10-90% [{m['fp8_minus_fp32']['q10']:+.3f}, {m['fp8_minus_fp32']['q90']:+.3f}], mean |diff| "
-                   f"{m['abs_diff_mean']:.4f}, 99th percentile |diff| {m['abs_diff_q99']:.3f}; argmax equal at "
-                   f"{100 * m['argmax_equal_share']:.1f}%; on the other side of tau {TAU} at "
-                   f"{100 * m[f'tau_{TAU}_side_flips_share']:.1f}%.")
+            out.append(f"Margins (top-1 minus top-2 of the guided probabilities, cfg {m['cfg']}) at {m['masked_positions']} "
+                       f"masked positions along the fp32 greedy baseline T=64 runs, fp8 on the same inputs: median "
+                       f"{m['fp32']['q50']:.3f} (fp32) vs {m['fp8']['q50']:.3f} (fp8), mean {m['fp32']['mean']:.3f} vs "
+                       f"{m['fp8']['mean']:.3f}; paired difference fp8 - fp32: mean {m['fp8_minus_fp32']['mean']:+.4f}, "
+                       f"10-90% [{m['fp8_minus_fp32']['q10']:+.3f}, {m['fp8_minus_fp32']['q90']:+.3f}], mean |diff| "
+                       f"{m['abs_diff_mean']:.4f}, 99th percentile |diff| {m['abs_diff_q99']:.3f}; argmax equal at "
+                       f"{100 * m['argmax_equal_share']:.1f}%; on the other side of tau {TAU} at "
+                       f"{100 * m[f'tau_{TAU}_side_flips_share']:.1f}%.")
         head = "| row | precision | overall | " + " | ".join(short[c] for c in CATEGORIES) + \
                " | evals/image | equal-cost baseline | fp8 - fp32 (points) | flips (to fail / to pass) |"
         out += ["", head, "|" + "---|" * (head.count("|") - 1)]
@@ -244,6 +248,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=str(HERE / "fp8_study.json"))
     ap.add_argument("--markdown", nargs="+", metavar="JSON", help="only print the tables of finished runs' JSON")
+    ap.add_argument("--rows", nargs="+", default=None, choices=[r[0] for r in ROWS], help="only these rows")
+    ap.add_argument("--no-greedy", action="store_true", help="skip the temperature-0 agreement and margins")
     args = ap.parse_args(argv)
     if args.markdown:
         for f in args.markdown:
@@ -252,8 +258,9 @@ def main(argv=None) -> None:
     if args.per_category < 1 or args.jobs < 1 or any(not 0 <= s < 2 ** 40 for s in args.seeds):
         ap.error("--per-category and --jobs must be at least 1, --seeds between 0 and 2**40")
     t0 = time.perf_counter()
-    jobs = [("greedy", tb, None, None, args) for tb in args.testbeds]
-    jobs += [("row", tb, p, r, args) for tb in args.testbeds for p in PRECISIONS for r in ROWS]
+    jobs = [] if args.no_greedy else [("greedy", tb, None, None, args) for tb in args.testbeds]
+    jobs += [("row", tb, p, r, args) for tb in args.testbeds for p in PRECISIONS for r in ROWS
+             if not args.rows or r[0] in args.rows]
     jobs.sort(key=lambda j: -(300 if j[0] == "greedy" else j[3][2] * (1.5 if j[2] == "fp8" else 1)))
     if args.jobs > 1:
         import multiprocessing as mp
@@ -264,7 +271,7 @@ def main(argv=None) -> None:
         done = [_job(j) for j in jobs]
     testbeds = {}
     for tb in args.testbeds:
-        greedy = next(d for j, d in zip(jobs, done) if j[0] == "greedy" and j[1] == tb)
+        greedy = next((d for j, d in zip(jobs, done) if j[0] == "greedy" and j[1] == tb), None)
         rows = [d for j, d in zip(jobs, done) if j[0] == "row" and j[1] == tb]
         testbeds[tb] = assemble(tb, rows, greedy)
     from ladr_rt.testbed import eval_items
