@@ -102,6 +102,25 @@ def test_shipped_model_fp8_codes_agree_with_fp32():
     assert float((logits["fp32"] == logits["fp8"]).float().mean()) >= 0.95
 
 
+def test_serve_runs_fp8():
+    """`serve --dtype fp8` maps to ServeOptions.dtype; the scheduler's pipeline then has the fp8
+    trunk and answers a request."""
+    from ladr_rt.checkpoint import DTYPES
+    from ladr_rt.config import SamplerConfig
+    from ladr_rt.serve.server import ServeOptions
+
+    opts = ServeOptions(dtype=DTYPES["fp8"], device="cpu", mode="sequential", height=64, width=64,
+                        sampler=SamplerConfig(name="baseline", steps=4))
+    opts.validate()
+    sched = opts.scheduler_factory()()
+    try:
+        assert isinstance(sched.pipe.denoiser.model.model.transformer.blocks[0].ff_out, Fp8Linear)
+        res = sched.submit("a red circle", seed=0).result(timeout=120)
+        assert res is not None
+    finally:
+        sched.close()
+
+
 def _fake_gpu(monkeypatch, cap=(8, 0), name="NVIDIA A100-SXM4-80GB"):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
