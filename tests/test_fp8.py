@@ -76,10 +76,10 @@ def test_tiny_checkpoint_loads_fp8_trunk_only(tiny_ckpt):
 def test_shipped_model_fp8_codes_agree_with_fp32():
     """Temperature 0, same prompts: the fp8 run's final codes against the fp32 run's, at 128x128
     (8x8 codes) and baseline T=16 to stay quick. Measured on the shipped v2 model (2026-12-04,
-    torch 2.13 CPU, /tmp script beside bench/fp8_study.py): 1.0, 1.0, 1.0, 0.953 over four prompts
+    torch 2.13 CPU, a one-off script running this loop): 1.0, 1.0, 1.0, 0.953 over four prompts
     (at 256x256 the longer trajectories drift further: 0.68-0.87 at T=16); codes that ignore the
     weights would agree at ~1/79. Also one evaluation on the same input: the guided argmax agrees
-    at >= 0.95 of the image positions (bench/fp8_study.json: 0.99 along whole trajectories)."""
+    at >= 0.95 of the image positions (bench/fp8_study_v2.json: 0.988 along whole trajectories)."""
     from ladr_rt.config import SamplerConfig
     from ladr_rt.pipeline import LadrPipeline
 
