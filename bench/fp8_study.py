@@ -16,7 +16,10 @@ Per testbed (v2, v3):
   T in {8, 10, 12} (the equal-cost curve around LADR's ~10 evaluations): overall and
   per-category score, and every image whose pass/fail flips between fp32 and fp8.
 
-Writes ``bench/fp8_study.json``; ends with one JSON line.
+Writes ``--json`` (default ``bench/fp8_study.json``); ends with one JSON line. ``--markdown`` prints
+the tables of finished runs. Committed runs (reduced, see docs/fp8.md): ``bench/fp8_study_v2.json``,
+``bench/fp8_study_v3.json`` (6 prompts, every row and the temperature-0 part) and
+``bench/fp8_study_v2_t64.json``, ``bench/fp8_study_v3_t64.json`` (24 prompts, baseline T=64 and LADR T=64).
 """
 from __future__ import annotations
 
