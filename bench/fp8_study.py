@@ -19,7 +19,8 @@ Per testbed (v2, v3):
 Writes ``--json`` (default ``bench/fp8_study.json``); ends with one JSON line. ``--markdown`` prints
 the tables of finished runs. Committed runs (reduced, see docs/fp8.md): ``bench/fp8_study_v2.json``,
 ``bench/fp8_study_v3.json`` (6 prompts, every row and the temperature-0 part) and
-``bench/fp8_study_v2_t64.json``, ``bench/fp8_study_v3_t64.json`` (24 prompts, baseline T=64 and LADR T=64).
+``bench/fp8_study_v2_t64.json``, ``bench/fp8_study_v3_t64.json`` (24 prompts, seed 0) and
+``bench/fp8_study_t64_seed1.json`` (both testbeds, seed 1): baseline T=64 and LADR T=64 only.
 """
 from __future__ import annotations
 
