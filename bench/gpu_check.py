@@ -248,7 +248,9 @@ def _latency():
     return mod
 
 
-STAGE2_BACKENDS = "official,eager,torch-graph,tensorrt,inductor"  # onnxruntime: the device image's is CPU-only
+# onnxruntime: the device image's is CPU-only. The fp8 rows (eager-fp8, torch-graph-fp8) run beside
+# the bf16 ones at each resolution; their speed-up over bf16 is stage2.json's fp8_vs_bf16.
+STAGE2_BACKENDS = "official,eager,torch-graph,eager-fp8,torch-graph-fp8,inductor,tensorrt"
 
 
 def stage2(c: Check, timeout: float) -> dict:
@@ -282,7 +284,8 @@ def stage2(c: Check, timeout: float) -> dict:
             "speedup_vs_official": res.get("speedup_vs_official", {}),
             "scaled_rows": [{k: r.get(k) for k in ("resolution", "backend", "method", "block_speedup",
                                                    "eval_s_estimate", "eager_eval_s")}
-                            for r in res.get("scaled_rows", [])]}
+                            for r in res.get("scaled_rows", [])],
+            "fp8_vs_bf16": res.get("fp8_vs_bf16", {})}
 
 
 # ------------------------------------------------------------------ stage 3: export, TensorRT

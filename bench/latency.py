@@ -209,7 +209,9 @@ GPU_MODELS = {
     "tiny": CONFIGS["tiny"][0],
     "micro": tiny_config(n_layers=1, weight_tying=True),  # the GPU check's CPU smoke run
 }
-GPU_BACKENDS = ("official", "eager", "torch-graph", "tensorrt", "inductor", "onnxruntime")
+# fp8 rows: the backend named before "-fp8" over an fp8 copy of the suite's model (fp8_model).
+FP8_BACKENDS = ("eager-fp8", "torch-graph-fp8")
+GPU_BACKENDS = ("official", "eager", "torch-graph", *FP8_BACKENDS, "inductor", "tensorrt", "onnxruntime")
 # Exported graphs, run after the torch rows in this order: onnxruntime last, since its export
 # converts the shared model to fp16 (CUDA) or fp32 (CPU) in place (TensorRT exports it as it is).
 ENGINE_BACKENDS = ("tensorrt", "inductor", "onnxruntime")
@@ -350,6 +352,11 @@ def make_denoiser(backend: str, model, seq, device: torch.device, workdir: Path,
     """The backend's ``Denoiser`` over ``model`` at ``seq``'s shape, or ``Skip(reason)``."""
     from ladr_rt.denoiser import EagerDenoiser
 
+    if backend in FP8_BACKENDS:
+        base = backend[: -len("-fp8")]
+        fp8, extra = fp8_model(model, device, log)
+        den, more = make_denoiser(base, fp8, seq, device, workdir, ort_cuda, log, trt_full)
+        return den, {**more, **extra}
     if backend == "eager":
         return EagerDenoiser(model, seq.image_positions), {}
     if backend == "official":
@@ -399,6 +406,71 @@ def make_denoiser(backend: str, model, seq, device: torch.device, workdir: Path,
         return den, {"export_s": export_s, "precision": str(dtype).replace("torch.", ""),
                      "providers": den.session.get_providers()}
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(GPU_BACKENDS)}")
+
+
+_FP8_MODELS: "weakref.WeakKeyDictionary" = None  # model -> its fp8 copy, built once per suite
+
+
+def fp8_model(model, device: torch.device, log):
+    """``model`` with the trunk's linears in fp8 (``ladr_rt.fp8``), quantized from its weights once
+    and cached: the embedding, norms and head are the model's own tensors (shared, not copied),
+    so the fp8 rows add only the fp8 trunk to the memory the bf16 model holds. The row's peak
+    memory therefore includes the bf16 trunk too; ``base_trunk_linear_bytes`` says how much of it
+    a model loaded with ``--dtype fp8`` would not hold. ``Skip`` on a GPU without fp8 tensor cores."""
+    global _FP8_MODELS
+    import weakref
+
+    from torch import nn
+
+    from ladr_rt import fp8
+    from ladr_rt.model import DimooModel
+
+    try:
+        fp8.check_fp8_device(device)
+    except fp8.Fp8Unsupported as e:
+        raise Skip(str(e)) from None
+    if _FP8_MODELS is None:
+        _FP8_MODELS = weakref.WeakKeyDictionary()
+    if model not in _FP8_MODELS:
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            copy = DimooModel(model.cfg)
+        sd = {k: v for k, v in model.state_dict().items()}
+        if next(model.parameters()).dtype != fp8.compute_dtype(device):  # the rest must stay shared, not cast
+            raise Skip(f"the fp8 rows run beside a {fp8.compute_dtype(device)} model; the suite's is "
+                       f"{next(model.parameters()).dtype}")
+        copy = fp8.load_fp8(copy, sd, device)
+        lin = [m for m in model.model.transformer.blocks.modules() if isinstance(m, nn.Linear)]
+        modes = sorted({m.mode for m in copy.modules() if isinstance(m, fp8.Fp8Linear)})
+        extra = {"precision": "fp8", "fp8_matmul": ",".join(modes), "quantize_s": round(time.perf_counter() - t0, 2),
+                 "base_trunk_linear_bytes": sum(m.weight.numel() * m.weight.element_size() for m in lin),
+                 "fp8_trunk_bytes": sum(m.weight.numel() + 4 * m.weight_scale.numel()
+                                        for m in copy.modules() if isinstance(m, fp8.Fp8Linear))}
+        log(f"  fp8: trunk quantized in {extra['quantize_s']} s ({extra['fp8_matmul']})")
+        _FP8_MODELS[model] = (copy, extra)
+    return _FP8_MODELS[model]
+
+
+def fp8_vs_bf16(result: dict) -> dict:
+    """Per (resolution, fp8 backend): the speed-up of the fp8 row over the same backend's row in
+    the model's dtype (bf16 on CUDA), per evaluation and per whole step, and the peak memory:
+    measured (with the shared bf16 trunk resident) and for an fp8 load (minus that trunk)."""
+    rows = {(r["resolution"], r["backend"]): r for r in result.get("rows", [])}
+    out: dict = {}
+    for (res, backend), r in rows.items():
+        if backend not in FP8_BACKENDS:
+            continue
+        b = rows.get((res, backend[: -len("-fp8")]))
+        entry: dict = {"fp8_matmul": r.get("fp8_matmul")}
+        if b is not None:
+            entry["eval_speedup"] = b["eval_s"] / r["eval_s"]
+            entry["whole_step_speedup"] = b["whole_step_s"] / r["whole_step_s"]
+            entry["bf16_peak_memory_bytes"] = b.get("peak_memory_bytes")
+        peak = r.get("peak_memory_bytes")
+        entry["peak_memory_bytes_measured"] = peak
+        entry["peak_memory_bytes_fp8_load"] = None if peak is None else peak - r.get("base_trunk_linear_bytes", 0)
+        out[f"{res}/{backend}"] = entry
+    return out
 
 
 def trt_denoiser(model, seq, device: torch.device, workdir: Path, trt_full: bool, log):
@@ -696,6 +768,7 @@ def run_gpu_suite(model_name: str = "8b", resolutions=((512, 512), (1024, 1024))
     def save():
         result["total_s"] = time.perf_counter() - t_start
         result["speedup_vs_official"] = speedups_vs_official(result)
+        result["fp8_vs_bf16"] = fp8_vs_bf16(result)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".json.tmp")
@@ -847,6 +920,8 @@ def gpu_summary(result: dict, out: Path | None) -> dict:
     return {"bench": "latency-gpu", "out": str(out) if out else None, "hardware": result["hardware"],
             "model": result["model"], "peak_tflops": round(result["matmul_peak_flops"] / 1e12, 1), "rows": rows,
             "skipped": [{k: v for k, v in s.items() if k != "traceback"} for s in result["skipped"]],
+            "fp8_vs_bf16": {k: {n: (round(v, 3) if isinstance(v, float) else v) for n, v in e.items()}
+                            for k, e in fp8_vs_bf16(result).items()},
             "total_s": round(result["total_s"], 1)}
 
 

@@ -100,6 +100,10 @@ class BuildOptions:
             bad = _field_problem(f.name, getattr(self, f.name))
             if bad:
                 raise BuildError(f"{_flag(f.name)} {bad}")
+        if self.precision == "fp8" and self.backend in ("onnx", "tensorrt"):
+            raise BuildError(f"--precision fp8 is not offered with --backend {self.backend}: TensorRT's fp8 (and an fp8 "
+                             "ONNX graph) needs Q/DQ nodes placed by a quantization toolkit, which ladr-rt does not "
+                             "ship; build --precision bf16, or run fp8 eagerly with `ladr-rt generate --dtype fp8`")
         if self.precision not in PRECISIONS:
             raise BuildError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.backend not in BACKENDS:

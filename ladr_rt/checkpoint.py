@@ -17,7 +17,9 @@ import torch
 from .config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# "fp8" is not a compute dtype: it selects ladr_rt.fp8 (e4m3 trunk linears, the rest in bf16 on
+# CUDA / fp32 on the CPU), which load_model recognises by this torch dtype.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -315,6 +317,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = load_state_dict(path)
     check_state_dict(expected, sd, str(path))
+    if dtype == DTYPES["fp8"]:
+        from .fp8 import load_fp8
+
+        return load_fp8(model, sd, device)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)

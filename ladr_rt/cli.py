@@ -13,7 +13,7 @@ import click
 from .config import ATTENTION_CHOICES, CUDA_GRAPH_CHOICES, SAMPLERS, ImageSpec, LadrParams, RunOptions, SamplerConfig
 from .fileio import Interrupted, atomic_write_all, signals_unwind
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "fp8")
 
 
 class UserError(click.ClickException):
@@ -116,6 +116,13 @@ def _device_dtype(device: str, dtype: str):
             raise UserError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     elif d.type != "cpu":
         raise UserError(f"--device {device!r}: ladr-rt runs on cpu or cuda")
+    if dtype == "fp8":  # a GPU without fp8 tensor cores is refused before anything loads
+        from .fp8 import Fp8Unsupported, check_fp8_device
+
+        try:
+            check_fp8_device(d)
+        except Fp8Unsupported as e:
+            raise UserError(str(e)) from None
     from .checkpoint import resolve_dtype
 
     return device, resolve_dtype(dtype, d)
@@ -300,7 +307,9 @@ def main() -> None:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
-              help="Weights/activations precision for the eager backend (auto: bf16 on CUDA, fp32 on CPU).")
+              help="Weights/activations precision for the eager backend (auto: bf16 on CUDA, fp32 on CPU; fp8: "
+                   "e4m3 weights in the transformer's linear layers, the rest bf16 on CUDA / fp32 on CPU; needs "
+                   "compute capability 8.9+ on CUDA).")
 @click.option("--out", default="out.png", help="Output PNG path.")
 @click.option("--save-tokens", default=None, help="Also write the final code grid [H, W] (int64) as .npy.")
 @click.option("--trace", "trace_path", default=None,
@@ -427,8 +436,8 @@ def vocab(model_dir) -> None:
 @click.option("--prompt-budget", type=int, default=None,
               help=f"Text tokens per row the engine holds  [default: {ImageSpec.prompt_budget}]")
 @click.option("--batch", type=int, default=None, help="Prompts per evaluation (2x rows: cond + uncond)  [default: 1]")
-@click.option("--precision", type=click.Choice(("fp32", "fp16", "bf16")), default=None,
-              help="Weights/activations precision of the graph  [default: fp32]")
+@click.option("--precision", type=click.Choice(("fp32", "fp16", "bf16", "fp8")), default=None,
+              help="Weights/activations precision of the graph (fp8: not for onnx/tensorrt)  [default: fp32]")
 @click.option("--backend", type=click.Choice(("onnx", "tensorrt", "inductor")), default=None,
               help="onnx: NAME.onnx for onnxruntime; tensorrt: also NAME.plan (needs a GPU); inductor: NAME.pt2, "
                    "an AOTInductor package for --device (needs a C++ compiler; Triton on CUDA)  [default: onnx]")
@@ -516,7 +525,7 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
 @click.option("--temperature", type=float, default=SamplerConfig.temperature, help="Sampling temperature.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=SamplerConfig.name, help="Unmasking rule.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="Eager precision (auto: bf16 on CUDA).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="Eager precision (auto: bf16 on CUDA; fp8: e4m3 linear layers, see generate --help).")
 @click.option("--replicas", type=int, default=None,
               help="Run on Ray Serve with N replicas (one per GPU on cuda, else CPU processes); with --autoscale, "
                    "the count to start with.  [default: no Ray, one process]")

@@ -149,11 +149,12 @@ class LadrPipeline:
         """The pipeline over the model itself. ``model_dir`` None: the testbed model shipped in the
         package; ``height``/``width`` None: the model's default size (config.json
         ``ladr_default_size``); ``prompt_budget`` None: ``ImageSpec``'s default; ``dtype`` None: the
-        CLI's ``--dtype auto`` (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``);
+        CLI's ``--dtype auto`` (bf16 on CUDA, fp32 on the CPU; ``checkpoint.resolve_dtype``), or a
+        torch dtype or its name ("fp32", "bf16", "fp16", "fp8": e4m3 trunk linears, ``ladr_rt.fp8``);
         ``cpu_threads`` None: torch's intra-op threads chosen from the model's size on the CPU
         (``ladr_rt/threads.py``). ``options``: the denoiser (eager, or torch-graph with
         ``cuda_graph``) and its attention kernel."""
-        from .checkpoint import CheckpointError, load_model, load_tokenizer, read_config, resolve_dtype
+        from .checkpoint import DTYPES, CheckpointError, load_model, load_tokenizer, read_config, resolve_dtype
         from .denoiser import EagerDenoiser
         from .vq import load_vq
 
@@ -163,6 +164,10 @@ class LadrPipeline:
         batch = _batch_arg(batch)
         threads.choose(None, cpu_threads)  # a bad count: refused before anything loads
         dtype = resolve_dtype(dtype, device)
+        if dtype == DTYPES["fp8"]:  # before the weights load: a GPU without fp8 is refused up front
+            from .fp8 import check_fp8_device
+
+            check_fp8_device(device)
         graphed = options.graphed(torch.device(device).type)  # a forced choice the device lacks: refused before loading
         if model_dir is None:
             from . import shipped

@@ -325,11 +325,17 @@ def test_gpu_check_smoke_writes_every_stage(smoke):
     # stage 2: the latency table's rows, the official-style one as the reference
     s2 = smoke.json["stage2.json"]
     rows = {r["backend"]: r for r in s2["rows"]}
-    assert set(rows) == {"official", "eager", "inductor"}
+    assert set(rows) == {"official", "eager", "eager-fp8", "inductor"}
     ind = rows["inductor"]  # the AOTInductor package compiled and run on the CPU, as stage 2 runs it on CUDA
     assert ind["build_s"] > 0 and ind["package_bytes"] > 0 and ind["graph_safe"] is False and ind["eval_s"] > 0
     assert ind["logits_finite"] and ind["precision"] == "float32"
-    assert {s["backend"] for s in s2["skipped"]} == {"torch-graph", "tensorrt"}
+    assert {s["backend"] for s in s2["skipped"]} == {"torch-graph", "torch-graph-fp8", "tensorrt"}
+    # the fp8 row beside the model's dtype (fp32 on the CPU): trunk in e4m3, speed-up over it recorded
+    f8 = rows["eager-fp8"]
+    assert f8["precision"] == "fp8" and f8["logits_finite"] and f8["fp8_matmul"] in ("scaled_mm", "dequant")
+    assert 0 < f8["fp8_trunk_bytes"] < f8["base_trunk_linear_bytes"] / 3  # 1 byte (+ row scales) against 4
+    vs = s2["fp8_vs_bf16"][f"{f8['resolution']}/eager-fp8"]
+    assert vs["eval_speedup"] > 0 and vs["whole_step_speedup"] > 0
     off = rows["official"]
     lc, lu = off["official_lengths"]
     assert lu < lc < off["seq_len"] and off["logits_dtype"] == "float32"  # unpadded rows, uncond shorter
