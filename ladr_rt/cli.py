@@ -360,9 +360,14 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
               help="Run on Ray Serve and let Ray add/remove replicas between MIN and MAX by requests in flight.")
 @click.option("--replica-cpus", type=float, default=None,
               help="Ray CPUs (= torch threads) per CPU replica.  [default: this machine's CPUs / the most replicas]")
+@click.option("--shutdown-grace", type=float, default=30.0,
+              help="Seconds a SIGTERM/SIGINT/SIGHUP leaves requests in flight to finish; the rest are answered 503.")
+@click.option("--read-timeout", type=float, default=10.0,
+              help="Seconds a request's body may take to arrive; a stalled upload is answered 408.")
 @ladr_option
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
-          temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus) -> None:
+          temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus, shutdown_grace,
+          read_timeout) -> None:
     """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /health, GET /metrics."""
     try:
         import fastapi  # noqa: F401
@@ -371,6 +376,10 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
         raise UserError(f"ladr-rt serve needs {e.name}: pip install 'ladr-rt[serve]'") from None
     from .serve.server import ScaleOptions, ServeError, ServeOptions, run
 
+    if api_key is None and "LADR_RT_API_KEY" in os.environ:
+        # click reads an empty variable as unset, which would start an open server when a
+        # deployment's secret did not render: it is refused like any other bad key.
+        api_key = os.environ["LADR_RT_API_KEY"]
     table = _ladr(ladr, sampler)  # before the device probe: a typo'd table is the first thing said
     if engine is not None and dtype != "auto":
         raise UserError("--dtype sets the eager model's precision; an engine's was fixed by `ladr-rt build`")
@@ -381,12 +390,13 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
     opts = ServeOptions(model=model_dir, engine=engine, batch=batch, mode=mode, host=host, port=port,
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
                         sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
-                        height=height, width=width, prompt_budget=prompt_budget)
+                        height=height, width=width, prompt_budget=prompt_budget, shutdown_grace=shutdown_grace, read_timeout=read_timeout)
     scale = ScaleOptions(replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus)
     log = lambda m: click.echo(f"ladr-rt serve: {m}", err=True)  # noqa: E731
     try:
         opts.validate()
         scale.validate(opts)
+        opts.check_shape()  # before Ray starts or the port is bound
         if scale.enabled:
             try:
                 from .serve.ray_serve import run as run_on_ray
@@ -400,8 +410,17 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
             stopped = run(opts, log=log)
     except ServeError as e:
         raise UserError(str(e)) from None
-    if stopped:
+    if isinstance(stopped, str):  # the Ray path: a signal's name
         click.echo(f"ladr-rt serve: stopped by {stopped}", err=True)
+    elif stopped.signal:
+        click.echo(f"ladr-rt serve: stopped by {stopped.signal}: {stopped.summary}", err=True)
+    if not isinstance(stopped, str) and stopped.step_running:
+        # The scheduler's thread is inside a torch call that may take minutes; a normal exit
+        # would tear the interpreter down under it (std::terminate, SIGABRT). Every client has
+        # its answer, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@ imported only in ``run``, so this module and the CLI load without the ``serve`` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from ..config import LADR_SAMPLERS, SamplerConfig
 from .scheduler import MODES, Scheduler
 
 DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
+SHUTDOWN_GRACE = 30.0  # seconds a SIGTERM leaves requests in flight to finish
 
 
 class ServeError(ValueError):
@@ -35,6 +37,8 @@ class ServeOptions:
     width: int | None = None
     prompt_budget: int | None = None
     max_n: int = 8
+    shutdown_grace: float = SHUTDOWN_GRACE
+    read_timeout: float = 10.0  # seconds for a request body to arrive
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -48,14 +52,53 @@ class ServeOptions:
             raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_queue < 1:
             raise ServeError(f"--max-queue must be >= 1, got {self.max_queue}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ServeError("--api-key (or LADR_RT_API_KEY) is empty; give a key or leave it unset")
+        from .app import api_key_problem
+
+        problem = api_key_problem(self.api_key)
+        if problem is not None:
+            raise ServeError(f"--api-key (or LADR_RT_API_KEY) {problem}")
+        if not 0 <= self.shutdown_grace <= 3600:  # NaN fails this too
+            raise ServeError(f"--shutdown-grace must be between 0 and 3600 seconds, got {self.shutdown_grace}")
+        if not 0 < self.read_timeout <= 3600:
+            raise ServeError(f"--read-timeout must be > 0 and at most 3600 seconds, got {self.read_timeout}")
         for flag, v in (("--height", self.height), ("--width", self.width), ("--prompt-budget", self.prompt_budget)):
             if v is not None and v <= 0:
                 raise ServeError(f"{flag} must be positive, got {v}")
         try:
             self.sampler.validate()
         except ValueError as e:
+            raise ServeError(str(e)) from None
+
+    def check_shape(self) -> None:
+        """What the options ask of the model that its config.json or the engine's manifest can
+        answer (size, prompt budget, an engine's batch): checked before the port is bound, so a
+        bad value is one line and not a "listening on" followed by a failed load."""
+        from ..config import ImageSpec
+
+        try:
+            if self.engine is not None:
+                from ..engines import check_manifest, read_manifest
+
+                batch = 1 if self.mode == "sequential" else self.batch
+                check_manifest(read_manifest(self.engine), height=self.height, width=self.width,
+                               prompt_budget=self.prompt_budget, batch=batch, model=self.model)
+                return
+            from ..checkpoint import read_config
+
+            if self.model is None:
+                from ..testbed import model_dir as shipped
+
+                model = shipped()
+                if not (model / "config.json").is_file():
+                    return  # the load says what is missing
+            else:
+                model = self.model
+            cfg = read_config(model)
+            ImageSpec(cfg.default_size[0] if self.height is None else self.height,
+                      cfg.default_size[1] if self.width is None else self.width,
+                      ImageSpec.prompt_budget if self.prompt_budget is None else self.prompt_budget
+                      ).validate(cfg.layout.vq_scale)
+        except ValueError as e:  # ConfigError, CheckpointError, EngineError are ValueErrors
             raise ServeError(str(e)) from None
 
     def scheduler_factory(self):
@@ -163,37 +206,76 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(opts: ServeOptions, log=print) -> str | None:
-    """Serves until SIGINT/SIGTERM; returns the name of the signal that stopped it, or raises
-    ServeError when the model fails to load (the server stops then too)."""
+@dataclass
+class Stopped:
+    """How ``run`` ended: the signal's name, what the shutdown did, and whether a step was still
+    running when the server closed (the process must then leave without waiting for it)."""
+
+    signal: str | None
+    summary: str | None = None
+    step_running: bool = False
+
+
+def _one_line_protocol_errors(record: logging.LogRecord) -> bool:
+    """uvicorn logs a malformed request (a bad chunk size, a broken header) with the parser's
+    traceback under h11; the client's mistake is worth its one warning line, not a traceback."""
+    if record.exc_info and str(record.msg).startswith("Invalid HTTP request"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def run(opts: ServeOptions, log=print) -> Stopped:
+    """Serves until SIGINT/SIGTERM/SIGHUP; returns how it stopped, or raises ServeError when the
+    model fails to load (the server stops then too). On a signal the server stops accepting,
+    lets requests that fit in ``opts.shutdown_grace`` finish, and answers the rest 503."""
+    import signal
     import threading
 
     import uvicorn
 
     from .app import AppConfig, create_app
 
+    opts.check_shape()
     sock = bind(opts.host, opts.port)
-    app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n))
+    app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n,
+                                                         body_timeout=opts.read_timeout))
+    metrics = app.state.metrics
 
     class Server(uvicorn.Server):
         stopped_by = None
+        refused_at_once = 0
 
         def handle_exit(self, sig, frame):
-            self.stopped_by = sig
+            if self.stopped_by is None:
+                self.stopped_by = sig
+                self.before = dict(metrics.rejections), metrics.images
+                self.refused_at_once = app.state.begin_shutdown(opts.shutdown_grace)
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
+            # SIGHUP (a closed terminal, a supervisor's reload) stops the server the same way.
+            hup = signal.signal(signal.SIGHUP, self.handle_exit) \
+                if threading.current_thread() is threading.main_thread() else None
             # uvicorn re-raises the caught signal after its clean shutdown, which would turn a
             # Ctrl-C into a KeyboardInterrupt traceback or SIGTERM into a kill: the shutdown
             # is already done, so drop it here.
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    getattr(self, "_captured_signals", []).clear()
+            try:
+                with super().capture_signals():
+                    try:
+                        yield
+                    finally:
+                        getattr(self, "_captured_signals", []).clear()
+            finally:
+                if hup is not None:
+                    signal.signal(signal.SIGHUP, hup)
 
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="on"))
+    # uvicorn's own timeout is a backstop: by the grace's end the scheduler has answered every
+    # request, so the connections close before it and no handler is cancelled (which would be
+    # a bare 500 and a traceback each).
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=opts.shutdown_grace + 5,
+                                   lifespan="on", timeout_keep_alive=5))
+    logging.getLogger("uvicorn.error").addFilter(_one_line_protocol_errors)
 
     def watch_load():
         loader = None
@@ -218,6 +300,18 @@ def run(opts: ServeOptions, log=print) -> str | None:
     server.run(sockets=[sock])
     if app.state.ladr["error"] is not None:
         raise ServeError(f"the model failed to load: {app.state.ladr['error']}")
-    import signal
-
-    return signal.Signals(server.stopped_by).name if server.stopped_by else None
+    if not server.stopped_by:
+        return Stopped(None)
+    sched = app.state.ladr["sched"]
+    (rej, images) = getattr(server, "before", ({}, 0))
+    refused = metrics.rejections.get("shutting_down", 0) - rej.get("shutting_down", 0)
+    cut = metrics.rejections.get("disconnected", 0) - rej.get("disconnected", 0)
+    parts = [f"{metrics.images - images} image(s) finished within the {opts.shutdown_grace:g} s grace"]
+    if refused:
+        parts.append(f"{refused} request(s) answered 503 shutting_down with Retry-After")
+    if cut:
+        parts.append(f"{cut} client(s) hung up first")
+    running = sched is not None and sched._thread is not None and sched._thread.is_alive()
+    if running:
+        parts.append("a step was still running and was abandoned")
+    return Stopped(signal.Signals(server.stopped_by).name, "; ".join(parts), running)
