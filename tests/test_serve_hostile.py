@@ -73,7 +73,7 @@ def test_hostile_clients_bodies_and_truncated_weights(tiny_ckpt, tmp_path):
     s = ServeProc("--model", model, *SLOW, "--max-queue", "2", "--read-timeout", "2").wait_ready()
     try:
         # Weights truncated in place under the running server: it must not depend on its files.
-        for f in model.glob("*.safetensors"):
+        for f in model.rglob("*.safetensors"):
             os.truncate(f, 0)
         status, _, body = s.request({"prompt": "a red circle", "seed": 1})
         assert status == 200 and len(json.loads(body)["data"]) == 1, body[:300]
