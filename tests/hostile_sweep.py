@@ -378,13 +378,13 @@ class ServerCase:
     model: str = "{tiny}"  # None: no --model
 
 
-def _status(*want, param="-", code=None, retry=False):
+def _status(*want, param="-", code=None, retry=False, shape=True):
     """A drive: send ``body`` (set by the case) and check the answer's status and error shape."""
     def check(answer_):
         st, h, body = answer_
         if st not in want:
             return f"status {st}, expected {want}: {body[:160]!r}"
-        if st >= 400:
+        if st >= 400 and shape:
             try:
                 e = error_of(st, h, body)
             except Exception as x:  # noqa: BLE001
@@ -560,7 +560,7 @@ def server_cases(fx: dict[str, Path]) -> list[ServerCase]:
     ]
     for name, body, st, param in bodies:
         out.append(C(f"body {name}", "bodies", FAST, _send(body, _status(st, param=param))))
-    out.append(C("body chunked over 64 KiB", "bodies", FAST, _send(b"10000\r\n" + b" " * 65536 + b"\r\n0\r\n\r\n",
+    out.append(C("body chunked over 64 KiB", "bodies", FAST, _send(b"10001\r\n" + b" " * 65537 + b"\r\n0\r\n\r\n",
                _status(413), headers={"Transfer-Encoding": "chunked"}, content_length=False)))
     out.append(C("body good", "bodies", FAST, _send({"prompt": "a red circle", "seed": 3}, _image_ok()), "ok"))
     out.append(C("body emoji prompt", "bodies", FAST, _send({"prompt": "🐱 a cat", "size": "64x64"}, _image_ok()), "ok"))
@@ -590,10 +590,11 @@ def server_cases(fx: dict[str, Path]) -> list[ServerCase]:
                  _send(b'{"prompt": "x"', _status(408, code="body_timeout"), headers={"Content-Length": "100"},
                        content_length=False)))
     out.append(C("disconnect malformed chunk size", "disconnects", FAST,
-                 _send(b"zz\r\nabc\r\n0\r\n\r\n", _status(400), headers={"Transfer-Encoding": "chunked"},
+                 # the HTTP parser's own plain-text 400 (docs/server-errors.md), one warning line logged
+                 _send(b"zz\r\nabc\r\n0\r\n\r\n", _status(400, shape=False), headers={"Transfer-Encoding": "chunked"},
                        content_length=False)))
     out.append(C("disconnect garbage request line", "disconnects", FAST,
-                 lambda s, w: _status(400)(s.request(b"", method="GET /x\x00y", content_length=False))))
+                 lambda s, w: _status(400, shape=False)(s.request(b"", method="GET /x\x00y", content_length=False))))
     # --- signals (the drive leaves clients waiting; the case's signal then stops the server)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         out.append(C(f"signal {sig.name} with 4 queued over a 3 s grace", "signals",
@@ -657,7 +658,9 @@ def run_server_case(case: ServerCase, fx: dict[str, Path], base: Path) -> dict:
             else:
                 res["rc"] = rc
                 lines = [ln for ln in s.lines if ln.strip()]
-                if rc == 0 or any("listening on" in ln for ln in lines):
+                if "Traceback" in s.stderr:
+                    outcome = "traceback"
+                elif rc == 0 or any("listening on" in ln for ln in lines):
                     outcome, wrong = "silent", "started (or exited 0) instead of refusing"
                 elif len(lines) != 1:
                     outcome = "multiline"
@@ -718,7 +721,7 @@ def run_server_case(case: ServerCase, fx: dict[str, Path], base: Path) -> dict:
     err = s.stderr
     res["stderr"] = err[-400:]
     res["seconds"] = round(time.monotonic() - t0, 2)
-    if outcome in (None, "clear") and problems(err):
+    if case.drive is not None and outcome in (None, "clear") and problems(err):
         outcome = "traceback" if any("Traceback" in ln or "Exception in" in ln for ln in problems(err)) else "multiline"
     if outcome is None:
         if wrong:
@@ -735,6 +738,8 @@ def run_server_case(case: ServerCase, fx: dict[str, Path], base: Path) -> dict:
         res["wrong"] = wrong
     if s.port is not None and outcome not in ("hang",):
         with socketlib.socket() as probe:
+            # SO_REUSEADDR: the clients' closed connections (TIME_WAIT) do not count, a listener does
+            probe.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", s.port))
             except OSError:
@@ -748,7 +753,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=None, help="write every case's outcome here")
-    ap.add_argument("-k", default=None, help="only cases whose name contains this")
+    ap.add_argument("-k", default=None, help="only cases whose name contains this (or one of A|B|...)")
     ap.add_argument("--section", choices=("all", "cli", "server"), default="all",
                     help="cli: the ladr-rt commands; server: `ladr-rt serve` processes under hostile clients")
     args = ap.parse_args()
@@ -757,13 +762,18 @@ def main() -> int:
         fx = make_fixtures(base)
         results = []
         if args.section in ("all", "cli"):
-            todo = [c for c in cases(fx) if args.k is None or args.k in c.name]
+            todo = [c for c in cases(fx) if args.k is None or any(k in c.name for k in args.k.split("|"))]
             with ThreadPoolExecutor(args.jobs) as ex:
                 results += list(ex.map(lambda c: run_case(c, base), todo))
         if args.section in ("all", "server"):
-            todo = [c for c in server_cases(fx) if args.k is None or args.k in c.name]
+            todo = [c for c in server_cases(fx) if args.k is None or any(k in c.name for k in args.k.split("|"))]
             with ThreadPoolExecutor(args.jobs) as ex:
-                results += list(ex.map(lambda c: run_server_case(c, fx, base), todo))
+                def one(c):
+                    r = run_server_case(c, fx, base)
+                    print(f"  {r['outcome']:9s} {r['seconds']:6.1f} s  {r['name']}", file=sys.stderr, flush=True)
+                    return r
+
+                results += list(ex.map(one, todo))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     counts: dict[str, int] = {}

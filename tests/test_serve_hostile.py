@@ -185,3 +185,32 @@ def test_sigterm_during_a_long_step_exits_cleanly(tiny_ckpt):
     assert rc == 0, (rc, s.stderr)
     assert time.monotonic() - t0 < 20
     assert "step was still running" in s.stderr.splitlines()[-1] and problems(s.stderr) == [], s.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_model_loads_is_one_line(tiny_ckpt):
+    s = ServeProc("--model", tiny_ckpt, "--height", "64", "--width", "64")
+    deadline = time.monotonic() + 120
+    while s.port is None:
+        assert s.p.poll() is None and time.monotonic() < deadline, s.stderr
+        time.sleep(0.01)
+    rc = s.stop(timeout=60)
+    assert rc == 0 and problems(s.stderr) == [], s.stderr
+    assert s.stderr.splitlines()[-1].startswith("ladr-rt serve: stopped by SIGTERM"), s.stderr
+
+
+def test_a_malformed_request_logs_one_warning_line_not_a_traceback():
+    """uvicorn's h11 protocol logs the parser's traceback with its warning (httptools does not)."""
+    import logging
+
+    from ladr_rt.serve.server import _one_line_protocol_errors
+
+    try:
+        raise ValueError("bad chunk size")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.", (),
+                                sys.exc_info())
+    assert _one_line_protocol_errors(rec) and rec.exc_info is None
+    assert logging.Formatter().format(rec) == "Invalid HTTP request received."

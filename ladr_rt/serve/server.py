@@ -286,7 +286,7 @@ def run(opts: ServeOptions, log=print) -> Stopped:
             loader.join()
         if app.state.ladr["error"] is not None:
             server.should_exit = True
-        else:
+        elif app.state.ladr["sched"] is not None and not app.state.ladr["closing"]:  # else: stopped while loading
             host, port = sock.getsockname()[:2]
             s = app.state.ladr["sched"]
             spec = s.pipe.seq.spec
@@ -314,4 +314,9 @@ def run(opts: ServeOptions, log=print) -> Stopped:
     running = sched is not None and sched._thread is not None and sched._thread.is_alive()
     if running:
         parts.append("a step was still running and was abandoned")
-    return Stopped(signal.Signals(server.stopped_by).name, "; ".join(parts), running)
+    loader = getattr(app.state, "loader", None)
+    loading = loader is not None and loader.is_alive()
+    if loading:
+        parts = ["the model was still loading and was abandoned"]
+    # Either thread is inside torch: the caller must leave without tearing the interpreter down.
+    return Stopped(signal.Signals(server.stopped_by).name, "; ".join(parts), running or loading)
