@@ -45,7 +45,7 @@ def test_api_key_rule_holds_for_every_source(tiny_ckpt):
         (m, {"LADR_RT_API_KEY": ""}, ["LADR_RT_API_KEY", "is empty"]),
         (m, {"LADR_RT_API_KEY": " secret"}, ["a space"]),
         (m + ["--api-key", "s\u00e9cret"], {}, ["non-ASCII", "'\u00e9'"]),
-        (m + ["--api-key", "a\tb"], {}, ["a space"]),
+        (m + ["--api-key", "a\tb"], {}, ["whitespace '\\t'"]),
     ])
     from ladr_rt.serve.app import AppConfig
     from ladr_rt.serve.server import ServeError, ServeOptions

@@ -60,10 +60,10 @@ def api_key_problem(key: str | None) -> str | None:
                "for no authentication"
     bad = next((c for c in key if not "!" <= c <= "~"), None)
     if bad is not None:
-        what = "a space" if bad.isspace() else ("a control character" if ord(bad) < 32 or ord(bad) == 127 else
-                                                 f"the non-ASCII character {bad!r}")
-        return f"holds {what}; an HTTP header cannot carry it, so no client could send this key: use printable " \
-               "ASCII without spaces (e.g. `openssl rand -hex 32`)"
+        what = ("a space" if bad == " " else f"the whitespace {bad!r}" if bad.isspace() else
+                "a control character" if ord(bad) < 32 or ord(bad) == 127 else f"the non-ASCII character {bad!r}")
+        return f"holds {what}, which a client's 'Authorization: Bearer' header cannot carry reliably (it is trimmed, " \
+               "split or re-encoded on the way): use printable ASCII without spaces (e.g. `openssl rand -hex 32`)"
     return None
 
 
