@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,16 +205,26 @@ def test_sigterm_stops_ray_and_the_replicas_in_one_line(served):
     assert len(logs) == 2 and len(closed) == 2, (logs, closed)  # each replica closed its scheduler
 
 
-def test_a_replica_that_fails_to_load_is_one_line_and_an_exit(tmp_path):
-    t0 = time.monotonic()
+def test_a_replica_that_fails_to_load_is_one_line_and_an_exit(tmp_path, tiny_ckpt):
+    # A missing model directory is refused before Ray starts (its config.json is read first).
     r = subprocess.run(CLI + ["serve", "--replicas", "1", "--model", str(tmp_path / "nowhere"), "--port", "0",
+                              "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "nowhere' does not exist" in r.stderr and "Ray" not in r.stderr, r.stderr
+    # Damaged weights pass that check and fail in the replica.
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, model)
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    t0 = time.monotonic()
+    r = subprocess.run(CLI + ["serve", "--replicas", "1", "--model", str(model), "--port", "0",
                               "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=180)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     lines = r.stderr.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("Error:")]
     assert errors == [lines[-1]], r.stderr  # progress lines, then one error line
-    assert "a replica failed to load the model" in lines[-1] and "nowhere' does not exist" in lines[-1], lines[-1]
+    assert "a replica failed to load the model" in lines[-1] and shard.name in lines[-1], lines[-1]
     assert time.monotonic() - t0 < 150
 
 
