@@ -262,6 +262,8 @@ def run(opts: ServeOptions, log=print) -> Stopped:
             # is already done, so drop it here.
             try:
                 with super().capture_signals():
+                    for sig in early:  # a signal that came before uvicorn's handlers were in
+                        self.handle_exit(sig, None)
                     try:
                         yield
                     finally:
@@ -294,10 +296,20 @@ def run(opts: ServeOptions, log=print) -> Stopped:
                 f"{s.pipe.batch}, {opts.mode}, {s.pipe.denoiser.name} on {s.pipe.denoiser.device}; "
                 f"{sampler_line(s.cfg)})")
 
-    host, port = sock.getsockname()[:2]
-    log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
-    threading.Thread(target=watch_load, daemon=True).start()
-    server.run(sockets=[sock])
+    # From the "listening" line on, a signal stops the server cleanly, even one that arrives
+    # before uvicorn installs its own handlers (it is replayed to them).
+    early: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, lambda n, f: early.append(n))
+              for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if main else {}
+    try:
+        host, port = sock.getsockname()[:2]
+        log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
+        threading.Thread(target=watch_load, daemon=True).start()
+        server.run(sockets=[sock])
+    finally:
+        for sig, prev in before.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
     if app.state.ladr["error"] is not None:
         raise ServeError(f"the model failed to load: {app.state.ladr['error']}")
     if not server.stopped_by:
