@@ -1,7 +1,8 @@
 """`ladr-rt serve` under hostile clients, signals and faults: each test runs real `ladr-rt serve`
 processes on 127.0.0.1 (ephemeral ports) with the tiny checkpoint, and real signals. A step of the
-tiny model at 512x512 takes ~1 s on one thread here, so a request of 6 steps holds its slot long
-enough for clients to queue behind it."""
+tiny model at 512x512 takes ~1 s on one thread here (0.05 s would still do), so a request of the
+server's 64 steps holds its slot long enough for clients to queue behind it; requests that only
+need an answer ask for 1 step."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ pytest.importorskip("uvicorn")
 
 from serve_proc import CLI, ROOT, ServeProc, answer, env, error_of, problems  # noqa: E402
 
-SLOW = ["--mode", "sequential", "--height", "512", "--width", "512", "--steps", "6"]
+SLOW = ["--mode", "sequential", "--height", "512", "--width", "512", "--steps", "64"]
 
 
 def _refused_before_listening(runs):
@@ -75,7 +76,7 @@ def test_hostile_clients_bodies_and_truncated_weights(tiny_ckpt, tmp_path):
         # Weights truncated in place under the running server: it must not depend on its files.
         for f in model.rglob("*.safetensors"):
             os.truncate(f, 0)
-        status, _, body = s.request({"prompt": "a red circle", "seed": 1})
+        status, _, body = s.request({"prompt": "a red circle", "seed": 1, "steps": 1})
         assert status == 200 and len(json.loads(body)["data"]) == 1, body[:300]
 
         # A queued client that hangs up while not at the head of the queue leaves it.
@@ -127,7 +128,7 @@ def test_hostile_clients_bodies_and_truncated_weights(tiny_ckpt, tmp_path):
 def test_signal_drains_what_fits_and_answers_the_rest_503(tiny_ckpt, sig):
     s = ServeProc("--model", tiny_ckpt, *SLOW, "--max-queue", "8", "--shutdown-grace", "3").wait_ready()
     try:
-        assert s.request({"prompt": "warm up", "seed": 0})[0] == 200  # the step time is known
+        assert s.request({"prompt": "warm up", "seed": 0, "steps": 1})[0] == 200  # the step time is known
         socks = [s.send({"prompt": f"p{i}", "seed": i}) for i in range(5)]
         s.until(lambda: s.metric("ladr_rt_queue_depth") == 4, what="4 queued")
     except BaseException:
@@ -158,7 +159,7 @@ def test_signal_drains_what_fits_and_answers_the_rest_503(tiny_ckpt, sig):
         e = error_of(st, h, body)
         assert e["code"] == "shutting_down" and e["type"] == "server_error" and h["retry-after"] == "1", (h, e)
         assert when < 3 + 2, when  # within the grace, not a hang
-    # The queued ones (6 steps of ~1 s each, behind the running one) could not fit in 3 s: told at once.
+    # The queued ones (64 steps each, behind the running one) cannot fit in 3 s: told at once.
     assert sum(got[i][3] < 1.5 for i in refused) >= 3, got
     assert took < 30, took
     lines = s.stderr.strip().splitlines()
