@@ -1,6 +1,9 @@
 """The hostile-user sweep: every class of bad input issue 12 found, as real `ladr-rt` processes.
 
-    python tests/hostile_sweep.py [--jobs 2] [--json sweep.json]
+    python tests/hostile_sweep.py [--jobs 2] [--json sweep.json] [--section all|cli|server] [-k 'A|B']
+
+The server section (``server_cases``) runs each case as a real `ladr-rt serve` process on
+127.0.0.1 and classifies it as described above ``ServerCase`` (adds hang and crash).
 
 Not a pytest module (the per-case tests are tests/test_hostile_*.py, in-process and fast); this
 runs each case as its own subprocess, the way a user meets it, and counts the outcomes:
@@ -362,7 +365,9 @@ def cases(fx: dict[str, Path]) -> list[Case]:
 
 SERVER_OUTCOMES = ("clear", "ok", "traceback", "multiline", "silent", "leftover", "hang", "crash")
 FAST = ["--height", "64", "--width", "64", "--steps", "4"]
-SLOW_STEP = ["--mode", "sequential", "--height", "512", "--width", "512", "--steps", "6"]
+# 64 steps of ~1 s (512x512 here): a request holds its slot while others queue behind it;
+# requests that only need an answer ask for 1 step
+SLOW_STEP = ["--mode", "sequential", "--height", "512", "--width", "512", "--steps", "64"]
 
 
 @dataclass
@@ -456,7 +461,7 @@ def _queue_full(s, w):
     s.until(lambda: s.metric("ladr_rt_busy_slots") == 1, what="a running")
     b = s.send({"prompt": "b"})
     s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, what="b queued")
-    wrong = _status(429, code="queue_full", retry=True)(s.request({"prompt": "c"}))
+    wrong = _status(429, code="queue_full", retry=True)(s.request({"prompt": "c", "steps": 1}))
     a.close()
     b.close()
     return wrong
@@ -502,7 +507,7 @@ def _stalled_upload(s, w):
 
 def _drain(n_queued):
     def drive(s, w):
-        st = s.request({"prompt": "warm up", "seed": 0})[0]
+        st = s.request({"prompt": "warm up", "seed": 0, "steps": 1})[0]
         if st != 200:
             return f"warm-up status {st}"
         s._socks = [s.send({"prompt": f"p{i}", "seed": i}) for i in range(n_queued + 1)]
