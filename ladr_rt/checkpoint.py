@@ -274,7 +274,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         try:
-            part = load_file(str(f))
+            # Copied out of the file's mapping into memory of its own: safetensors maps the file,
+            # and a mapped tensor reads the file for as long as it lives, so truncating or
+            # rewriting a shard under a running server would kill it with SIGBUS. Once loaded,
+            # the model does not depend on its files.
+            part = {k: v.clone() for k, v in load_file(str(f)).items()}
         except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
             raise CheckpointError(f"{f} is not a readable safetensors file ({first}): truncated or damaged, as an "

@@ -537,11 +537,15 @@ def init_tiny(out_dir, seed, layers, d_model) -> None:
               help="The model id GET /v1/models lists and a request's 'model' must match.  [default: the --model or "
                    "--engine directory's name; ladr-rt-testbed for the shipped model]")
 @click.option("--log-prompts", is_flag=True, help="Write each request's prompt in its access-log line.")
+@click.option("--shutdown-grace", type=float, default=30.0,
+              help="Seconds a SIGTERM/SIGINT/SIGHUP leaves requests in flight to finish; the rest are answered 503.")
+@click.option("--read-timeout", type=float, default=10.0,
+              help="Seconds a request's body may take to arrive; a stalled upload is answered 408.")
 @ladr_option
 @runtime_options
 def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height, width, prompt_budget, steps, cfg,
           temperature, sampler, device, dtype, ladr, replicas, autoscale, replica_cpus, served_model_name,
-          log_prompts, cuda_graph, attention) -> None:
+          log_prompts, shutdown_grace, read_timeout, cuda_graph, attention) -> None:
     """HTTP server, OpenAI Images API shape: POST /v1/images/generations, GET /v1/models, GET /health,
     GET /metrics (docs/images-api.md)."""
     try:
@@ -551,6 +555,10 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
         raise UserError(f"ladr-rt serve needs {e.name}: pip install 'ladr-rt[serve]'") from None
     from .serve.server import ScaleOptions, ServeError, ServeOptions, run
 
+    if api_key is None and "LADR_RT_API_KEY" in os.environ:
+        # click reads an empty variable as unset, which would start an open server when a
+        # deployment's secret did not render: it is refused like any other bad key.
+        api_key = os.environ["LADR_RT_API_KEY"]
     table = _ladr(ladr, sampler)  # before the device probe: a typo'd table is the first thing said
     if engine is not None and dtype != "auto":
         raise UserError("--dtype sets the eager model's precision; an engine's was fixed by `ladr-rt build`")
@@ -563,12 +571,14 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
                         max_queue=max_queue, api_key=api_key, device=dev, dtype=dt,
                         sampler=SamplerConfig(name=sampler, steps=steps, cfg=cfg, temperature=temperature, ladr=table),
                         height=height, width=width, prompt_budget=prompt_budget,
-                        served_model_name=served_model_name, log_prompts=log_prompts, run=run_opts)
+                        served_model_name=served_model_name, log_prompts=log_prompts, run=run_opts,
+                        shutdown_grace=shutdown_grace, read_timeout=read_timeout)
     scale = ScaleOptions(replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus)
     log = lambda m: click.echo(f"ladr-rt serve: {m}", err=True)  # noqa: E731
     try:
         opts.validate()
         scale.validate(opts)
+        opts.check_shape()  # before Ray starts or the port is bound
         if scale.enabled:
             try:
                 from .serve.ray_serve import run as run_on_ray
@@ -582,8 +592,17 @@ def serve(model_dir, engine, batch, mode, host, port, max_queue, api_key, height
             stopped = run(opts, log=log)
     except ServeError as e:
         raise UserError(str(e)) from None
-    if stopped:
+    if isinstance(stopped, str):  # the Ray path: a signal's name
         click.echo(f"ladr-rt serve: stopped by {stopped}", err=True)
+    elif stopped.signal:
+        click.echo(f"ladr-rt serve: stopped by {stopped.signal}: {stopped.summary}", err=True)
+    if not isinstance(stopped, str) and stopped.step_running:
+        # The scheduler's thread is inside a torch call that may take minutes; a normal exit
+        # would tear the interpreter down under it (std::terminate, SIGABRT). Every client has
+        # its answer, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

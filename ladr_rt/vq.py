@@ -25,8 +25,10 @@ class DiffusersVQ:
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
         try:
+            # disable_mmap: the weights are read into memory of their own; mapped, they would keep
+            # reading the file, and a file truncated under a running server would kill it (SIGBUS).
             self.vq = VQModel.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
-                                              low_cpu_mem_usage=False)
+                                              low_cpu_mem_usage=False, disable_mmap=True)
         finally:
             diffusers_logging.set_verbosity(level)
         self.vq = self.vq.to(device).eval().requires_grad_(False)

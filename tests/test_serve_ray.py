@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -174,6 +176,19 @@ def test_health_metrics_and_errors_answer_through_ray(served):
     assert seen and all(re.fullmatch(r"[a-z0-9]+", s) for s in seen), seen
 
 
+def test_bad_bodies_are_400_naming_the_field_through_ray(served):
+    """Bodies that were 500s (RecursionError, int() of other scripts' digits or of 5000 digits, a
+    cfg whose NaN was blamed on the checkpoint) are the app's 400s behind Ray's proxy too."""
+    srv, _ = served
+    deep = '{"prompt": "x", "user": ' + "[" * 20000 + "]" * 20000 + "}"
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        for body, param in [(deep, None), (json.dumps({"prompt": "x", "size": "\u0665\u0661\u0662x256"}), "size"),
+                            (json.dumps({"prompt": "x", "size": "9" * 5000 + "x256"}), "size"),
+                            (json.dumps({"prompt": "x", "cfg": 1e300}), "cfg")]:
+            r = c.post(ROUTE, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (r.status_code, r.text[:300])
+
+
 def test_sigterm_stops_ray_and_the_replicas_in_one_line(served):
     """Runs last of the server's tests (it stops it)."""
     srv, _ = served
@@ -206,16 +221,38 @@ def test_sigterm_stops_ray_and_the_replicas_in_one_line(served):
     assert not any("blue square" in ln for t in texts for ln in t.splitlines() if "ladr-rt access" in ln)
 
 
-def test_a_replica_that_fails_to_load_is_one_line_and_an_exit(tmp_path):
-    t0 = time.monotonic()
+def test_a_replica_that_fails_to_load_is_one_line_and_an_exit(tmp_path, tiny_ckpt):
+    # A missing model directory is refused before Ray starts (its config.json is read first).
     r = subprocess.run(CLI + ["serve", "--replicas", "1", "--model", str(tmp_path / "nowhere"), "--port", "0",
+                              "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "nowhere' does not exist" in r.stderr and "Ray" not in r.stderr, r.stderr
+    # Damaged weights pass that check and fail in the replica.
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, model)
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    t0 = time.monotonic()
+    r = subprocess.run(CLI + ["serve", "--replicas", "1", "--model", str(model), "--port", "0",
                               "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=180)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     lines = r.stderr.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("Error:")]
     assert errors == [lines[-1]], r.stderr  # progress lines, then one error line
-    assert "a replica failed to load the model" in lines[-1] and "nowhere' does not exist" in lines[-1], lines[-1]
+    assert "a replica failed to load the model" in lines[-1] and shard.name in lines[-1], lines[-1]
+    assert time.monotonic() - t0 < 150
+
+
+def test_a_placement_ray_cannot_make_is_one_line_and_an_exit():
+    """2 replicas of 8 CPUs on a machine with fewer: Ray would wait for them forever, silently."""
+    t0 = time.monotonic()
+    r = subprocess.run(CLI + ["serve", "--replicas", "2", "--replica-cpus", str(8 * (os.cpu_count() or 1)), "--port",
+                              "0", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("Error:")] == [lines[-1]], r.stderr
+    assert "CPUs" in lines[-1] and "--replica-cpus" in lines[-1], lines[-1]
     assert time.monotonic() - t0 < 150
 
 

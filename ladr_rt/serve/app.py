@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..config import MAX_SEED, MAX_STEPS
 from ..tokens import PromptError, PromptTooLong
@@ -48,6 +49,29 @@ FIELDS = ("prompt", "n", "size", "response_format", "seed", "steps", "cfg", "mod
 # A random seed (no "seed" in the request) is drawn below 2**31 so that seed + n - 1 and any
 # client's int32 seed field hold it; it is reported per image, so the image can be remade.
 RANDOM_SEED_BOUND = 2**31
+# Guidance past this only saturates the image, and far past it the logits overflow to NaN (a
+# failure the server would otherwise blame on the checkpoint).
+MAX_CFG = 100.0
+MAX_SIDE_DIGITS = 5  # a 'size' side longer than this is not a size any server makes
+
+
+def api_key_problem(key: str | None) -> str | None:
+    """Why ``key`` cannot be the server's API key, or None. One rule for every source of the key
+    (--api-key, LADR_RT_API_KEY, a Ray Serve config's args, AppConfig): it is refused at start,
+    never normalised, because an empty key would mean no authentication and a key with spaces or
+    non-ASCII characters could never be matched by a client's header."""
+    if key is None:
+        return None
+    if not key:
+        return "is empty (an unset deployment secret?); give a key, or leave the option and LADR_RT_API_KEY unset " \
+               "for no authentication"
+    bad = next((c for c in key if not "!" <= c <= "~"), None)
+    if bad is not None:
+        what = ("a space" if bad == " " else f"the whitespace {bad!r}" if bad.isspace() else
+                "a control character" if ord(bad) < 32 or ord(bad) == 127 else f"the non-ASCII character {bad!r}")
+        return f"holds {what}, which a client's 'Authorization: Bearer' header cannot carry reliably (it is trimmed, " \
+               "split or re-encoded on the way): use printable ASCII without spaces (e.g. `openssl rand -hex 32`)"
+    return None
 
 
 @dataclass
@@ -63,6 +87,12 @@ class AppConfig:
     # The access log (logger ACCESS_LOGGER, one line per request) names method, path, status,
     # latency and images; a prompt is a user's text, so it is written only when this is set.
     log_prompts: bool = False
+    body_timeout: float = 10.0  # seconds for the whole request body to arrive; a stalled upload gets 408
+
+    def __post_init__(self):
+        problem = api_key_problem(self.api_key)
+        if problem is not None:
+            raise ValueError(f"the API key {problem}")
 
 
 REPLICA_HEADER = "x-ladr-replica"
@@ -138,7 +168,8 @@ class ApiError(Exception):
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 EVAL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-REASONS = ("bad_request", "unauthorized", "too_large", "queue_full", "loading", "disconnected", "failed")
+REASONS = ("bad_request", "unauthorized", "too_large", "queue_full", "loading", "disconnected", "shutting_down",
+           "failed")
 
 
 class Histogram:
@@ -222,6 +253,9 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
         body = json.loads(raw, parse_constant=_refuse_constant)
     except ApiError:
         raise
+    except RecursionError:
+        raise ApiError(400, "the body nests arrays or objects too deeply; send a flat JSON object with a 'prompt'",
+                       code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not JSON ({e}); send a JSON object with a 'prompt'", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -242,6 +276,10 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
             raise ApiError(400, f"'{key}' must be a string", key, "invalid_type")
     _check_model(body.get("model"), cfg)
     n = _int(body, "n", 1, cfg.max_n, 1)
+    if n > sched.max_queue:  # a 429 would tell the client to retry a request that can never fit
+        raise ApiError(400, f"'n' {n} is over this server's queue of {sched.max_queue} requests (--max-queue), so it "
+                       f"could never be taken; ask for at most {sched.max_queue} images per request", "n",
+                       "out_of_range")
     fmt = body.get("response_format", "b64_json")
     if fmt == "url":
         raise ApiError(400, "response_format 'url' is not supported (this server keeps no files); use 'b64_json'",
@@ -253,7 +291,9 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
     served = f"{spec.width}x{spec.height}"
     size = body.get("size")
     if size is not None and size != "auto":  # OpenAI's "auto": the model's choice, here the one served size
-        ok = isinstance(size, str) and size.count("x") == 1 and all(p.isdigit() for p in size.split("x"))
+        # isascii: str.isdigit also takes other scripts' digits, which int() then refuses
+        ok = isinstance(size, str) and size.count("x") == 1 and all(
+            p.isascii() and p.isdigit() and len(p) <= MAX_SIDE_DIGITS for p in size.split("x"))
         if not ok:
             raise ApiError(400, f"'size' must be 'WIDTHxHEIGHT' such as {served!r}, got {json.dumps(size)[:40]}",
                            "size", "invalid_value")
@@ -271,8 +311,8 @@ def parse_request(raw: bytes, sched: Scheduler, cfg: AppConfig) -> dict:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
             raise ApiError(400, f"'cfg' must be a number, got {json.dumps(guidance)[:40]}", "cfg", "invalid_type")
         guiding = sched.cfg.cfg > 0
-        if not math.isfinite(guidance) or guidance < 0 or (guidance > 0) != guiding:
-            want = "a finite number > 0" if guiding else "0 (this server runs without guidance)"
+        if not math.isfinite(guidance) or guidance < 0 or guidance > MAX_CFG or (guidance > 0) != guiding:
+            want = f"a finite number > 0 and at most {MAX_CFG:g}" if guiding else "0 (this server runs without guidance)"
             raise ApiError(400, f"'cfg' must be {want}, got {guidance}" +
                            (" (guidance cannot be switched off per request)" if guiding and guidance == 0 else ""),
                            "cfg", "out_of_range")
@@ -385,13 +425,32 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
             s.close()
 
     async def lifespan(app):
+        state["loop"] = asyncio.get_running_loop()
+        state["stopping"] = asyncio.Event()
         if factory is not None:
             app.state.loader = threading.Thread(target=load, name="ladr-rt-load", daemon=True)
             app.state.loader.start()
         yield
         state["closing"] = True
         if state["sched"] is not None:
-            await asyncio.to_thread(state["sched"].close, 30)
+            # After a drain the requests are settled; a step still running (minutes, on a large
+            # size) is not waited for past a moment: the server exits around it.
+            await asyncio.to_thread(state["sched"].close, 1 if state["sched"].draining else 30)
+
+    def begin_shutdown(grace: float) -> int:
+        """Called from the signal handler (any thread): stop taking requests, let what fits in
+        ``grace`` seconds finish, fail the rest with 503 (at once for a waiting request that
+        cannot fit, at the deadline for the others), and cut body uploads still arriving.
+        Returns how many waiting requests were refused at once."""
+        state["closing"] = True
+        loop, stopping = state.get("loop"), state.get("stopping")
+        if loop is not None and stopping is not None:
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:  # the loop is already closed
+                pass
+        sched = state["sched"]
+        return sched.drain(grace) if sched is not None else 0
 
     app = FastAPI(title="ladr-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cfg.replica is not None:
@@ -399,6 +458,7 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
     app.add_middleware(_AccessLog)  # the outermost: its latency covers every other layer
     created = int(time.time())  # the served model's "created" in /v1/models: when this server made it
     app.state.ladr = state
+    app.state.begin_shutdown = begin_shutdown
     app.state.metrics = metrics
     app.state.config = cfg
 
@@ -452,7 +512,7 @@ def create_app(scheduler, config: AppConfig | None = None) -> FastAPI:
     async def generations(request: Request):
         t0 = time.perf_counter()
         _authorize(request, cfg)
-        raw = await _read_body(request, cfg.max_body)
+        raw = await _read_body(request, cfg.max_body, cfg.body_timeout, state.get("stopping"))
         sched = state["sched"]
         if sched is None:
             raise not_ready()
@@ -506,18 +566,47 @@ def health_body(state: dict) -> dict:
     return {"status": "stopping"} if state["closing"] or sched.closed else {"status": "failed", "error": problem}
 
 
-async def _read_body(request: Request, cap: int) -> bytes:
+async def _read_body(request: Request, cap: int, timeout: float, stopping: asyncio.Event | None = None) -> bytes:
+    """The body, within ``timeout`` seconds in all (a stalled upload would hold its connection,
+    and a shutdown, for as long as the client likes); cut at once when the server begins to
+    shut down (it would be refused then anyway)."""
     too_large = ApiError(413, f"the request body is over {cap} bytes; a prompt needs far less", code="body_too_large",
-                         reason="too_large")
+                         reason="too_large", headers={"Connection": "close"})
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > cap:
+    if length is not None and length.isascii() and length.isdigit() and len(length) < 20 and int(length) > cap:
         raise too_large  # refused before reading it
     chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body has no length up front
-        size += len(chunk)
-        if size > cap:
-            raise too_large
-        chunks.append(chunk)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    stream = request.stream().__aiter__()  # a chunked body has no length up front
+    stop = asyncio.ensure_future(stopping.wait()) if stopping is not None else None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(stream.__anext__())
+            await asyncio.wait({nxt} | ({stop} if stop else set()), timeout=max(0.0, deadline - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                if stop is not None and stop.done():
+                    raise ApiError(503, "the server is shutting down; retry on another server or once it is back",
+                                   type_="server_error", code="shutting_down", reason="shutting_down",
+                                   headers={"Retry-After": "1", "Connection": "close"})
+                raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the whole body at "
+                               "once", code="body_timeout", headers={"Connection": "close"})
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                break
+            except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, nothing to log
+                raise ApiError(499, "the client closed the connection during its upload", code="client_closed",
+                               reason="disconnected") from None
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            chunks.append(chunk)
+    finally:
+        if stop is not None:
+            stop.cancel()
     return b"".join(chunks)
 
 
@@ -526,8 +615,7 @@ def _submit_error(e: BaseException, sched: Scheduler, cfg: AppConfig) -> ApiErro
         return ApiError(429, f"{e}", type_="rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(cfg.retry_after)}, reason="queue_full")
     if isinstance(e, SchedulerClosed):
-        return ApiError(503, "the server is shutting down", type_="server_error", code="shutting_down",
-                        reason="failed")
+        return _shutting_down(cfg.retry_after)
     if isinstance(e, PromptTooLong):
         budget = sched.pipe.seq.spec.prompt_budget
         return ApiError(400, f"'prompt' is too long: {str(e).split(', over')[0].split(' is ', 1)[-1]}, over this "
@@ -562,6 +650,9 @@ async def _await_or_cancel(request: Request, futs) -> list:
             for f in futs:
                 f.cancel()
             waiting.cancel()
+            # The gather may already hold its children's CancelledError; read, so asyncio does
+            # not log "exception was never retrieved" for every hang-up.
+            waiting.add_done_callback(lambda w: w.cancelled() or w.exception())
     if gone_first:
         # Nobody reads this answer; it is raised so the exception handler counts the rejection.
         raise ApiError(499, "the client closed the connection; its requests were cancelled", code="client_closed",
@@ -602,8 +693,12 @@ def _copy_outcome(f, af: asyncio.Future) -> None:
         af.set_result(f.result())
 
 
+def _shutting_down(retry_after: int, message: str = "the server is shutting down") -> ApiError:
+    return ApiError(503, f"{message}; retry on another replica or once it is back", type_="server_error",
+                    code="shutting_down", headers={"Retry-After": str(retry_after)}, reason="shutting_down")
+
+
 def _run_error(e: BaseException) -> ApiError:
     if isinstance(e, SchedulerClosed):
-        return ApiError(503, "the server shut down before the image was made", type_="server_error",
-                        code="shutting_down", reason="failed")
+        return _shutting_down(1, "the server shut down before the image was made")
     return ApiError(500, f"{type(e).__name__}: {e}", type_="server_error", code="generation_failed", reason="failed")

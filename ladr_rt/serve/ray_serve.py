@@ -61,7 +61,8 @@ class LadrReplica:
         # The same app as `ladr-rt serve`; its lifespan (run by Ray in the replica) closes the
         # scheduler when Ray stops the replica.
         self._ladr_app = create_app(sched, AppConfig(api_key=opts.api_key, max_n=opts.max_n, replica=self.replica,
-                                                     model_name=opts.model_id(), log_prompts=opts.log_prompts))
+                                                     model_name=opts.model_id(), log_prompts=opts.log_prompts,
+                                                     body_timeout=opts.read_timeout))
         _access_log_to_replica_log()
 
     def __serve_build_asgi_app__(self):
@@ -179,7 +180,7 @@ def build(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: float | None = 
 
 ARG_FIELDS = ("model", "engine", "batch", "mode", "max_queue", "api_key", "device", "dtype", "steps", "cfg",
               "temperature", "sampler", "ladr", "height", "width", "prompt_budget", "max_n", "replicas", "autoscale",
-              "replica_cpus", "served_model_name", "log_prompts")
+              "replica_cpus", "served_model_name", "log_prompts", "read_timeout")
 
 
 def options_from_args(args: dict) -> tuple[ServeOptions, ScaleOptions]:
@@ -267,7 +268,7 @@ def run(opts: ServeOptions, scale: ScaleOptions, log=print) -> str | None:
             fired.append(signum)
             raise _Stopped(signum)
 
-    orig = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    orig = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     started = False
     try:
         try:
@@ -291,6 +292,13 @@ def run(opts: ServeOptions, scale: ScaleOptions, log=print) -> str | None:
             raise ServeError(f"{first} replica(s) on cuda need {first} GPU(s), one each; Ray sees "
                              f"{int(res.get('GPU', 0))}: lower --replicas/--autoscale MIN or use --device cpu")
         dopts = deployment_options(opts, scale, cluster_cpus=res.get("CPU"))
+        # Ray waits without end (and without a word) for a placement it cannot make; this
+        # cluster is this machine, so what it has is known now.
+        cpus_each = dopts["ray_actor_options"]["num_cpus"]
+        if cpus_each * first > res.get("CPU", 0) + 1e-9:
+            raise ServeError(f"{first} replica(s) of {cpus_each:g} CPU(s) each need {cpus_each * first:g} CPUs; Ray sees "
+                             f"{res.get('CPU', 0):g} on this machine: lower --replica-cpus or --replicas (or leave "
+                             "--replica-cpus out to split the CPUs)")
         log(f"starting {first} replica(s) on Ray ({_describe(dopts['ray_actor_options'])}); each loads the model")
         serve.start(http_options={"host": opts.host, "port": port}, logging_config={"log_level": "WARNING"})
         try:

@@ -81,7 +81,10 @@ class ServeResult:
     decode_seconds: float = 0.0  # the VQ decode of the batch of images this one finished with
 
 
-@dataclass
+# eq=False: a request is equal only to itself. The generated __eq__ compared the prompt rows
+# (tensors), so deque.remove of a request behind the queue's head raised RuntimeError from
+# the cancel callback and the hung-up client's request stayed queued.
+@dataclass(eq=False)
 class _Request:
     rows: tuple  # (ids [2, L], key_mask [2, L]) from LadrPipeline.prompt_rows
     seed: int
@@ -116,6 +119,8 @@ class Scheduler:
         self._slots: list[_Request | None] = [None] * pipe.batch
         self._cond = threading.Condition()
         self._closed = False
+        self._deadline: float | None = None  # drain(): monotonic time past which nothing more runs
+        self._step_s: float | None = None  # a step's seconds (moving average), for drain's estimate
         self._died: str | None = None  # why the loop thread ended without close(); see health()
         with pipe._lock:
             pipe.owner = self  # LadrPipeline.__call__ now refuses: it would reset every slot
@@ -161,8 +166,9 @@ class Scheduler:
             fut.set_exception(e)
             return fut
         with self._cond:
-            if self._closed:
-                fut.set_exception(SchedulerClosed("the scheduler is closed"))
+            if self._closed or self._deadline is not None:
+                fut.set_exception(SchedulerClosed("the scheduler is closed" if self._closed else
+                                                  "the server is shutting down"))
             elif len(self._queue) >= self.max_queue:
                 fut.set_exception(QueueFull(f"the request queue is full ({self.max_queue} waiting, {self.busy} running);"
                                             " retry later or raise max_queue"))
@@ -215,6 +221,57 @@ class Scheduler:
             return "the scheduler loop thread is not running"
         return None
 
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
+
+    def drain(self, grace: float) -> int:
+        """Stops taking requests; what can finish within ``grace`` seconds runs on. A waiting
+        request that (by the measured step time) cannot finish in time fails now with
+        SchedulerClosed, so its client hears at once; whatever is still unfinished at the
+        deadline fails then, even while a step is still running. Returns the count failed now."""
+        now = time.monotonic()
+        with self._cond:
+            if self._closed or self._deadline is not None:
+                return 0
+            self._deadline = now + grace
+            late: list[_Request] = []
+            if self._step_s is not None:
+                # Each slot is free after its request's remaining steps (an upper bound: LADR may
+                # finish early); waiting requests take the earliest free slot, in queue order.
+                free_at = sorted((0.0 if r is None else max(0, r.steps - (self.steps_run - r.admitted_step)))
+                                 * self._step_s for r in self._slots)
+                keep: collections.deque[_Request] = collections.deque()
+                for req in self._queue:
+                    done_at = free_at[0] + req.steps * self._step_s
+                    if done_at > grace:
+                        late.append(req)
+                    else:
+                        keep.append(req)
+                        free_at[0] = done_at
+                        free_at.sort()
+                self._queue = keep
+            self._cond.notify_all()
+        for r in late:
+            _settle(r.future, exc=SchedulerClosed("the server is shutting down and this request could not finish "
+                                                  "within its grace period"))
+        t = threading.Timer(max(0.0, grace), self._expire)
+        t.daemon = True
+        t.start()
+        return len(late)
+
+    def _expire(self) -> None:
+        """The drain deadline: every unfinished request fails now. Runs in a timer thread, so a
+        step that takes minutes does not hold its clients; only their futures are touched here
+        (the slots are the loop's, retired at its next boundary)."""
+        with self._cond:
+            left = list(self._queue) + [r for r in self._slots if r is not None]
+            self._queue.clear()
+            self._cond.notify_all()
+        for r in left:
+            _settle(r.future, exc=SchedulerClosed("the server shut down before the request finished (its grace "
+                                                  "period ran out)"))
+
     def close(self, timeout: float | None = None) -> None:
         """Stops the loop after its current step; waiting and running requests fail with
         SchedulerClosed. The pipeline is free again afterwards."""
@@ -253,9 +310,12 @@ class Scheduler:
             self._admit()
             if not self.busy:
                 return False
+            t0 = time.perf_counter()
             self._step()
             self.steps_run += 1
             done = self.state.read_done()  # the one host read per step
+            dt = time.perf_counter() - t0
+            self._step_s = dt if self._step_s is None else 0.8 * self._step_s + 0.2 * dt
             finished = [b for b, r in enumerate(self._slots) if r is not None and done[b]]
             if finished:
                 self._finish(finished)
@@ -272,11 +332,12 @@ class Scheduler:
 
     def _retire_cancelled(self) -> None:
         for b, r in enumerate(self._slots):
-            if r is not None and r.future.cancelled():
+            if r is not None and r.future.done():  # cancelled by its client, or failed by drain's deadline
                 self.state.retire(b)
                 self._slots[b] = None
-                with self._cond:
-                    self.cancelled += 1
+                if r.future.cancelled():
+                    with self._cond:
+                        self.cancelled += 1
 
     def _admit(self) -> None:
         free = [b for b, r in enumerate(self._slots) if r is None]

@@ -3,6 +3,7 @@ imported only in ``run``, so this module and the CLI load without the ``serve`` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from ..config import LADR_SAMPLERS, RunOptions, SamplerConfig
 from .scheduler import MODES, Scheduler
 
 DEFAULT_BATCH = 4  # eager continuous/static batching; sequential is 1, an engine has its own
+SHUTDOWN_GRACE = 30.0  # seconds a SIGTERM leaves requests in flight to finish
 
 
 class ServeError(ValueError):
@@ -40,6 +42,8 @@ class ServeOptions:
     served_model_name: str | None = None  # the id at /v1/models; None: model_id()'s default
     log_prompts: bool = False  # the access log writes each request's prompt
     run: RunOptions = RunOptions()  # CUDA graphs and attention of the eager model
+    shutdown_grace: float = SHUTDOWN_GRACE
+    read_timeout: float = 10.0  # seconds for a request body to arrive
 
     def model_id(self) -> str:
         """The id /v1/models lists and a request's ``model`` must match (when sent): the
@@ -62,8 +66,15 @@ class ServeOptions:
             raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_queue < 1:
             raise ServeError(f"--max-queue must be >= 1, got {self.max_queue}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ServeError("--api-key (or LADR_RT_API_KEY) is empty; give a key or leave it unset")
+        from .app import api_key_problem
+
+        problem = api_key_problem(self.api_key)
+        if problem is not None:
+            raise ServeError(f"--api-key (or LADR_RT_API_KEY) {problem}")
+        if not 0 <= self.shutdown_grace <= 3600:  # NaN fails this too
+            raise ServeError(f"--shutdown-grace must be between 0 and 3600 seconds, got {self.shutdown_grace}")
+        if not 0 < self.read_timeout <= 3600:
+            raise ServeError(f"--read-timeout must be > 0 and at most 3600 seconds, got {self.read_timeout}")
         if self.served_model_name is not None and (not self.served_model_name.strip() or
                                                    self.served_model_name != self.served_model_name.strip()):
             raise ServeError(f"--served-model-name {self.served_model_name!r}: give a name without leading or "
@@ -74,6 +85,38 @@ class ServeOptions:
         try:
             self.sampler.validate()
         except ValueError as e:
+            raise ServeError(str(e)) from None
+
+    def check_shape(self) -> None:
+        """What the options ask of the model that its config.json or the engine's manifest can
+        answer (size, prompt budget, an engine's batch): checked before the port is bound, so a
+        bad value is one line and not a "listening on" followed by a failed load."""
+        from ..config import ImageSpec
+
+        try:
+            if self.engine is not None:
+                from ..engines import check_manifest, read_manifest
+
+                batch = 1 if self.mode == "sequential" else self.batch
+                check_manifest(read_manifest(self.engine), height=self.height, width=self.width,
+                               prompt_budget=self.prompt_budget, batch=batch, model=self.model)
+                return
+            from ..checkpoint import read_config
+
+            if self.model is None:
+                from ..testbed import model_dir as shipped
+
+                model = shipped()
+                if not (model / "config.json").is_file():
+                    return  # the load says what is missing
+            else:
+                model = self.model
+            cfg = read_config(model)
+            ImageSpec(cfg.default_size[0] if self.height is None else self.height,
+                      cfg.default_size[1] if self.width is None else self.width,
+                      ImageSpec.prompt_budget if self.prompt_budget is None else self.prompt_budget
+                      ).validate(cfg.layout.vq_scale)
+        except ValueError as e:  # ConfigError, CheckpointError, EngineError are ValueErrors
             raise ServeError(str(e)) from None
 
     def scheduler_factory(self):
@@ -229,38 +272,79 @@ def access_log_to(log):
         logger.setLevel(level)
 
 
-def run(opts: ServeOptions, log=print) -> str | None:
-    """Serves until SIGINT/SIGTERM; returns the name of the signal that stopped it, or raises
-    ServeError when the model fails to load (the server stops then too)."""
+@dataclass
+class Stopped:
+    """How ``run`` ended: the signal's name, what the shutdown did, and whether a step was still
+    running when the server closed (the process must then leave without waiting for it)."""
+
+    signal: str | None
+    summary: str | None = None
+    step_running: bool = False
+
+
+def _one_line_protocol_errors(record: logging.LogRecord) -> bool:
+    """uvicorn logs a malformed request (a bad chunk size, a broken header) with the parser's
+    traceback under h11; the client's mistake is worth its one warning line, not a traceback."""
+    if record.exc_info and str(record.msg).startswith("Invalid HTTP request"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def run(opts: ServeOptions, log=print) -> Stopped:
+    """Serves until SIGINT/SIGTERM/SIGHUP; returns how it stopped, or raises ServeError when the
+    model fails to load (the server stops then too). On a signal the server stops accepting,
+    lets requests that fit in ``opts.shutdown_grace`` finish, and answers the rest 503."""
+    import signal
     import threading
 
     import uvicorn
 
     from .app import AppConfig, create_app
 
+    opts.check_shape()
     sock = bind(opts.host, opts.port)
     app = create_app(opts.scheduler_factory(), AppConfig(api_key=opts.api_key, max_n=opts.max_n,
-                                                         model_name=opts.model_id(), log_prompts=opts.log_prompts))
+                                                         model_name=opts.model_id(), log_prompts=opts.log_prompts,
+                                                         body_timeout=opts.read_timeout))
+    metrics = app.state.metrics
 
     class Server(uvicorn.Server):
         stopped_by = None
+        refused_at_once = 0
 
         def handle_exit(self, sig, frame):
-            self.stopped_by = sig
+            if self.stopped_by is None:
+                self.stopped_by = sig
+                self.before = dict(metrics.rejections), metrics.images
+                self.refused_at_once = app.state.begin_shutdown(opts.shutdown_grace)
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
+            # SIGHUP (a closed terminal, a supervisor's reload) stops the server the same way.
+            hup = signal.signal(signal.SIGHUP, self.handle_exit) \
+                if threading.current_thread() is threading.main_thread() else None
             # uvicorn re-raises the caught signal after its clean shutdown, which would turn a
             # Ctrl-C into a KeyboardInterrupt traceback or SIGTERM into a kill: the shutdown
             # is already done, so drop it here.
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    getattr(self, "_captured_signals", []).clear()
+            try:
+                with super().capture_signals():
+                    for sig in early:  # a signal that came before uvicorn's handlers were in
+                        self.handle_exit(sig, None)
+                    try:
+                        yield
+                    finally:
+                        getattr(self, "_captured_signals", []).clear()
+            finally:
+                if hup is not None:
+                    signal.signal(signal.SIGHUP, hup)
 
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="on"))
+    # uvicorn's own timeout is a backstop: by the grace's end the scheduler has answered every
+    # request, so the connections close before it and no handler is cancelled (which would be
+    # a bare 500 and a traceback each).
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=opts.shutdown_grace + 5,
+                                   lifespan="on", timeout_keep_alive=5))
+    logging.getLogger("uvicorn.error").addFilter(_one_line_protocol_errors)
 
     def watch_load():
         loader = None
@@ -271,7 +355,7 @@ def run(opts: ServeOptions, log=print) -> str | None:
             loader.join()
         if app.state.ladr["error"] is not None:
             server.should_exit = True
-        else:
+        elif app.state.ladr["sched"] is not None and not app.state.ladr["closing"]:  # else: stopped while loading
             host, port = sock.getsockname()[:2]
             s = app.state.ladr["sched"]
             spec = s.pipe.seq.spec
@@ -279,13 +363,40 @@ def run(opts: ServeOptions, log=print) -> str | None:
                 f"{s.pipe.batch}, {opts.mode}, {s.pipe.denoiser.name} on {s.pipe.denoiser.device}; "
                 f"{sampler_line(s.cfg)})")
 
-    host, port = sock.getsockname()[:2]
-    log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
-    threading.Thread(target=watch_load, daemon=True).start()
-    with access_log_to(log):
-        server.run(sockets=[sock])
+    # From the "listening" line on, a signal stops the server cleanly, even one that arrives
+    # before uvicorn installs its own handlers (it is replayed to them).
+    early: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, lambda n, f: early.append(n))
+              for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if main else {}
+    try:
+        host, port = sock.getsockname()[:2]
+        log(f"listening on http://{host}:{port} (loading the model; /health says when it is ready)")
+        threading.Thread(target=watch_load, daemon=True).start()
+        with access_log_to(log):
+            server.run(sockets=[sock])
+    finally:
+        for sig, prev in before.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
     if app.state.ladr["error"] is not None:
         raise ServeError(f"the model failed to load: {app.state.ladr['error']}")
-    import signal
-
-    return signal.Signals(server.stopped_by).name if server.stopped_by else None
+    if not server.stopped_by:
+        return Stopped(None)
+    sched = app.state.ladr["sched"]
+    (rej, images) = getattr(server, "before", ({}, 0))
+    refused = metrics.rejections.get("shutting_down", 0) - rej.get("shutting_down", 0)
+    cut = metrics.rejections.get("disconnected", 0) - rej.get("disconnected", 0)
+    parts = [f"{metrics.images - images} image(s) finished within the {opts.shutdown_grace:g} s grace"]
+    if refused:
+        parts.append(f"{refused} request(s) answered 503 shutting_down with Retry-After")
+    if cut:
+        parts.append(f"{cut} client(s) hung up first")
+    running = sched is not None and sched._thread is not None and sched._thread.is_alive()
+    if running:
+        parts.append("a step was still running and was abandoned")
+    loader = getattr(app.state, "loader", None)
+    loading = loader is not None and loader.is_alive()
+    if loading:
+        parts = ["the model was still loading and was abandoned"]
+    # Either thread is inside torch: the caller must leave without tearing the interpreter down.
+    return Stopped(signal.Signals(server.stopped_by).name, "; ".join(parts), running or loading)
