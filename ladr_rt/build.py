@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import tomllib
@@ -447,9 +448,15 @@ def require_extras(backend: str, validate: bool = True, find_spec: Callable[[str
     import importlib.util
 
     find_spec = find_spec or importlib.util.find_spec
+
+    def present(m: str) -> bool:
+        # An imported module counts as it is (find_spec raises ValueError for one without a
+        # __spec__, as a stand-in module set into sys.modules has).
+        return sys.modules.get(m) is not None or find_spec(m) is not None
+
     missing, extras = [], []
     for extra, modules in needed_extras(backend, validate):
-        gone = [m for m in modules if find_spec(m) is None]
+        gone = [m for m in modules if not present(m)]
         if gone:
             missing += gone
             extras.append(extra)
