@@ -11,9 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Pages other branches are writing now; a link to one is allowed only while it is absent, and
-# test_pending_pages_exist says which are still missing.
-PENDING = {"docs/engines-inductor.md", "docs/fp8.md", "docs/server-errors.md", "docs/attention.md"}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
@@ -53,8 +50,7 @@ def test_every_link_resolves_inside_the_repo():
                 continue
             rel = dest.relative_to(ROOT).as_posix()
             if not dest.exists():
-                if rel not in PENDING:
-                    bad.append(f"{where} does not exist")
+                bad.append(f"{where} does not exist")
                 continue
             if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 bad.append(f"{where}: no heading #{anchor} in {rel}")
@@ -74,13 +70,6 @@ def test_link_checker_catches_a_broken_link_and_anchor(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "no heading #nope" in msg and "missing.md) does not exist" in msg and "outside the repository" in msg
     assert "real-heading" not in msg.replace("#real-heading) [b]", "")
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_pages_exist(name):
-    if not (ROOT / name).is_file():
-        pytest.skip(f"{name} is linked from the docs and written on another branch; not merged here yet")
-    assert (ROOT / name).read_text(encoding="utf-8").strip()
 
 
 def test_no_issue_numbers_or_outside_pointers():
