@@ -28,8 +28,8 @@ def env(**extra) -> dict:
 class ServeProc:
     """``ladr-rt serve --port 0 --device cpu ARGS``; ``wait_ready`` blocks until its ready line."""
 
-    def __init__(self, *args, extra_env: dict | None = None):
-        self.argv = CLI + ["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", *map(str, args)]
+    def __init__(self, *args, extra_env: dict | None = None, cli: list[str] | None = None):
+        self.argv = (cli or CLI) + ["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", *map(str, args)]
         self.p = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=env(**(extra_env or {})), cwd=ROOT)
         self.lines: list[str] = []
@@ -161,6 +161,11 @@ def error_of(status: int, headers: dict, body: bytes) -> dict:
     e = json.loads(body)["error"]
     assert set(e) == {"message", "type", "param", "code"}, e
     return e
+
+
+# The server's access log: one line per request (ladr_rt/serve/app.py ACCESS_LOGGER), e.g.
+# "ladr-rt serve: 127.0.0.1 POST /v1/images/generations 200 0.392s n=1".
+ACCESS_LINE = re.compile(r"^ladr-rt serve: \S+ [A-Z]+ /\S* \d{3} [\d.]+s n=")
 
 
 def problems(stderr: str) -> list[str]:

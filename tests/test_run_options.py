@@ -88,7 +88,9 @@ def test_cli_passes_the_options_and_refuses_in_one_line(tiny_ckpt, monkeypatch, 
 
 
 def test_serve_refuses_a_cuda_graph_on_the_cpu_in_one_line(tiny_ckpt):
-    pytest.importorskip("fastapi", reason="ladr-rt serve needs the serve extra (fastapi), not installed here")
-    pytest.importorskip("uvicorn", reason="ladr-rt serve needs the serve extra (uvicorn), not installed here")
+    from conftest import import_extra
+
+    import_extra("fastapi", "serve", "ladr-rt serve needs it")
+    import_extra("uvicorn", "serve", "ladr-rt serve needs it")
     r = run_cli_inproc("serve", "--model", tiny_ckpt, "--device", "cpu", "--cuda-graph", "on")
     one_line_error(r, "--cuda-graph on needs a CUDA device")

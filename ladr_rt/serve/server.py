@@ -104,7 +104,7 @@ class ServeOptions:
             from ..checkpoint import read_config
 
             if self.model is None:
-                from ..testbed import model_dir as shipped
+                from ..shipped import model_dir as shipped
 
                 model = shipped()
                 if not (model / "config.json").is_file():
