@@ -450,9 +450,10 @@ def require_extras(backend: str, validate: bool = True, find_spec: Callable[[str
     find_spec = find_spec or importlib.util.find_spec
 
     def present(m: str) -> bool:
-        # An imported module counts as it is (find_spec raises ValueError for one without a
-        # __spec__, as a stand-in module set into sys.modules has).
-        return sys.modules.get(m) is not None or find_spec(m) is not None
+        try:
+            return find_spec(m) is not None
+        except ValueError:  # imported, without a __spec__ (a stand-in module set into sys.modules)
+            return sys.modules.get(m) is not None
 
     missing, extras = [], []
     for extra, modules in needed_extras(backend, validate):
