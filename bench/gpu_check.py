@@ -1,4 +1,4 @@
-"""The one-command GPU check (issue 13): what a GPU session runs, as is, in one device call.
+"""The one-command GPU check: what a GPU session runs, as is, in one device call.
 
     bench/device/fetch_wheels.sh                                   # here, once: the wheels the device lacks -> .whl/
     bash bench/device/run_check.sh                                 # on the GPU machine (carry .whl): installs

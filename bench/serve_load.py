@@ -1,4 +1,4 @@
-"""Serving load benchmark (issue 15): real ``ladr-rt serve`` processes under closed-loop HTTP clients on loopback.
+"""Serving load benchmark: real ``ladr-rt serve`` processes under closed-loop HTTP clients on loopback.
 
     python bench/serve_load.py --rss-requests 1000 --results bench/RESULTS.md --plot bench/serve_load.png
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# --- Lumina-DiMOO special token ids (official config.py; shared/spec/dimoo.md) ---
+# --- Lumina-DiMOO special token ids (the official config.py) ---
 MASK = 126336
 NEWLINE = 126084
 IMAGE_OFFSET = 126356  # image code c has token id IMAGE_OFFSET + c
