@@ -19,12 +19,14 @@ import pytest
 from test_serve_http import Served, base, err, pipe_like, until  # noqa: F401 -- base: the module's fixture
 
 import httpx  # noqa: E402 -- after test_serve_http, which skips the module without the serve extra
-import openai  # noqa: E402 -- in the dev extra: a missing package fails here, it is not skipped
+from conftest import import_extra  # noqa: E402
+
+openai = import_extra("openai", "dev", "the tests drive the API through OpenAI's client")
 from PIL import Image  # noqa: E402
 
 from ladr_rt.config import SamplerConfig  # noqa: E402
 from ladr_rt.serve import Scheduler  # noqa: E402
-from ladr_rt.serve.app import ACCESS_LOGGER, AppConfig, create_app, encode_image  # noqa: E402
+from ladr_rt.serve.app import ACCESS_LOGGER, AppConfig, create_app, encode_image, health_body  # noqa: E402
 from ladr_rt.serve.server import ServeOptions  # noqa: E402
 
 KEY, MODEL, STEPS = "k", "testbed-under-test", 4
@@ -176,6 +178,8 @@ def test_the_served_scheduler_is_warm_before_it_is_returned(monkeypatch):
     sched = opts.scheduler_factory()()
     try:
         assert sched.steps_run == 1 and sched.busy == 0 and sched.waiting == 0 and sched.health() is None
+        # the warm-up's cold step is not kept as the step time a shutdown's drain estimates from
+        assert sched._step_s is None
     finally:
         sched.close(10)
     import ladr_rt.serve.server as server
@@ -230,3 +234,17 @@ def test_a_blank_served_model_name_is_refused_before_anything_loads():
         with pytest.raises(ServeError, match="--served-model-name .* leading or trailing spaces"):
             ServeOptions(served_model_name=name).validate()
     ServeOptions(served_model_name="Alpha-VLLM/Lumina-DiMOO").validate()
+
+
+def test_health_says_stopping_while_the_server_drains():
+    """During a shutdown's grace every new request gets 503: /health (and Ray's check_health)
+    must say so too, not "ready"."""
+    opts = ServeOptions(device="cpu", mode="sequential", sampler=SamplerConfig(steps=STEPS))
+    sched = opts.scheduler_factory()()
+    state = {"sched": sched, "error": None, "closing": False}
+    try:
+        assert health_body(state)["status"] == "ready"
+        sched.drain(5)
+        assert health_body(state) == {"status": "stopping"}
+    finally:
+        sched.close(5)

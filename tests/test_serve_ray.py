@@ -292,6 +292,18 @@ def test_serve_cli_refuses_bad_scale_options_in_one_line(monkeypatch):
     _one_line(_cli("--replicas", 2), "Ray Serve, which is not installed", "pip install 'ladr-rt[serve]'")
 
 
+def test_config_file_args_carry_the_shutdown_grace_and_run_options():
+    from ladr_rt.config import RunOptions
+    from ladr_rt.serve.ray_serve import deployment_options, options_from_args
+
+    opts, _ = options_from_args({"device": "cpu", "shutdown_grace": 7, "cuda_graph": "off", "attention": "sdpa"})
+    assert opts.shutdown_grace == 7 and opts.run == RunOptions(cuda_graph="off", attention="sdpa")
+    # Ray stops a replica after the server's grace, not after a fixed time
+    assert deployment_options(opts, ScaleOptions(replicas=1), cluster_cpus=2)["graceful_shutdown_timeout_s"] == 12
+    with pytest.raises(ValueError, match="--cuda-graph on needs a CUDA device"):
+        options_from_args({"device": "cpu", "cuda_graph": "on"})
+
+
 def test_deployment_options_split_cpus_and_autoscale_on_the_batch():
     from ladr_rt.serve.ray_serve import deployment_options
 

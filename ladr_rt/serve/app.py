@@ -557,6 +557,8 @@ def health_body(state: dict) -> dict:
     sched = state["sched"]
     if sched is None:
         return {"status": "failed", "error": state["error"]} if state["error"] else {"status": "loading"}
+    if state["closing"] or sched.draining:  # new requests get 503 now: probes must not see "ready"
+        return {"status": "stopping"}
     problem = sched.health()
     if problem is None:
         # the server's sampler and LADR phase table (one per server: `serve --ladr`), for a client

@@ -23,7 +23,7 @@ import signal
 import torch
 from ray import serve
 
-from ..config import LadrParams, SamplerConfig
+from ..config import LadrParams, RunOptions, SamplerConfig
 from .app import ACCESS_LOGGER, AppConfig, create_app, health_body
 from .server import DEFAULT_BATCH, ScaleOptions, ServeError, ServeOptions, bind
 
@@ -31,7 +31,7 @@ APP_NAME = "ladr-rt"
 DEPLOYMENT = "LadrReplica"
 # Ray's graceful stop: in-flight requests get this long, then the replica's lifespan closes the
 # scheduler. It covers the app's own 30 s close, as in the single-process server.
-SHUTDOWN_S = 35
+SHUTDOWN_MARGIN_S = 5
 
 
 class ReplicaLoadError(RuntimeError):
@@ -156,7 +156,9 @@ def deployment_options(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: fl
         # A model that fails to load fails the same way again (bad path, bad checkpoint, OOM):
         # fail the deploy at once so the CLI can say why, instead of Ray's 3 tries per replica.
         "max_constructor_retry_count": 1,
-        "graceful_shutdown_timeout_s": SHUTDOWN_S,
+        # Ray stops a replica after this long: the server's grace for requests in flight, plus a
+        # few seconds for the replica's own close.
+        "graceful_shutdown_timeout_s": opts.shutdown_grace + SHUTDOWN_MARGIN_S,
         "health_check_period_s": 5,
     }
     bounds = scale.bounds
@@ -180,7 +182,8 @@ def build(opts: ServeOptions, scale: ScaleOptions, cluster_cpus: float | None = 
 
 ARG_FIELDS = ("model", "engine", "batch", "mode", "max_queue", "api_key", "device", "dtype", "steps", "cfg",
               "temperature", "sampler", "ladr", "height", "width", "prompt_budget", "max_n", "replicas", "autoscale",
-              "replica_cpus", "served_model_name", "log_prompts", "read_timeout")
+              "replica_cpus", "served_model_name", "log_prompts", "read_timeout", "shutdown_grace", "cuda_graph",
+              "attention")
 
 
 def options_from_args(args: dict) -> tuple[ServeOptions, ScaleOptions]:
@@ -210,7 +213,10 @@ def options_from_args(args: dict) -> tuple[ServeOptions, ScaleOptions]:
     if "ladr" in args:  # the phase table as `--ladr` takes it: "tau_refine=0.05,alpha_refine=0.3"
         sampler = dataclasses.replace(sampler, ladr=LadrParams.from_option(args.pop("ladr"), sampler.name))
     scale = ScaleOptions(**{k: args.pop(k) for k in ("replicas", "autoscale", "replica_cpus") if k in args})
-    opts = ServeOptions(**args, device=device, dtype=None if args.get("engine") else DTYPES[dtype], sampler=sampler)
+    run = RunOptions(**{k: args.pop(k) for k in ("cuda_graph", "attention") if k in args})
+    run.validate(torch.device(device).type)  # a bad choice fails the deploy here, not in every replica
+    opts = ServeOptions(**args, device=device, dtype=None if args.get("engine") else DTYPES[dtype], sampler=sampler,
+                        run=run)
     return opts, scale
 
 

@@ -221,6 +221,11 @@ class Scheduler:
             return "the scheduler loop thread is not running"
         return None
 
+    def forget_step_time(self) -> None:
+        """Drops the measured step time: a first step pays one-time costs (the server's warm-up)
+        and is no sample of the steps a drain must estimate."""
+        self._step_s = None
+
     @property
     def draining(self) -> bool:
         return self._deadline is not None
