@@ -116,6 +116,7 @@ class LadrPipeline:
                  default_cfg: float = ModelConfig.default_cfg, vocab_size: int | None = None,
                  cpu_threads: int | None = None):
         spec.validate(layout.vq_scale)
+        cpu_threads = plain(cpu_threads)  # a numpy integer is an int here, as for every other count
         threads.choose(None, cpu_threads)  # a bad count is refused here, not at the first call
         self.cpu_threads = cpu_threads  # None: chosen from the work (ladr_rt/threads.py)
         self.vocab_size = vocab_size  # the model's; prompt ids past it are refused before an evaluation
@@ -162,6 +163,7 @@ class LadrPipeline:
         height, width, prompt_budget = (_int_arg(v, k) for k, v in (("height", height), ("width", width),
                                                                       ("prompt_budget", prompt_budget)))
         batch = _batch_arg(batch)
+        cpu_threads = plain(cpu_threads)
         threads.choose(None, cpu_threads)  # a bad count: refused before anything loads
         dtype = resolve_dtype(dtype, device)
         if dtype == DTYPES["fp8"]:  # before the weights load: a GPU without fp8 is refused up front

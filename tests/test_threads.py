@@ -86,3 +86,7 @@ def test_a_bad_thread_count_is_refused_before_loading():
 
     with pytest.raises(ValueError, match="positive integer"):
         LadrPipeline.from_pretrained(None, cpu_threads=-1)
+    import numpy as np
+
+    # a numpy integer is a count like every other count of the API
+    assert LadrPipeline.from_pretrained(None, cpu_threads=np.int64(1)).cpu_threads == 1
