@@ -341,10 +341,13 @@ class LadrPipeline:
         """One prompt's cond and uncond rows, checked: ids [2, L], key_mask [2, L] (host work,
         done before a slot is taken)."""
         check_prompt(prompt)  # None would build the unconditional rows: an image nobody asked for
-        return self._rows(prompt)
+        return self._rows([prompt])
 
-    def _rows(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, key_mask = build_rows(self.tokenizer, [prompt], self.seq)
+    def _rows(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cond and uncond rows of ``prompts`` (None: the unconditional prompt), ids [2n, L] and
+        key_mask [2n, L], with their ids checked against the model's vocabulary once per call,
+        not per step."""
+        ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)
         if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
             raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
                              "(config.json): the tokenizer files belong to another model")
@@ -356,7 +359,7 @@ class LadrPipeline:
         unconditional prompt so that their (discarded) evaluation stays finite."""
         state = self._state(cfg.steps)
         state.reset(cfg.seed)
-        ids, key_mask = self._rows(None)
+        ids, key_mask = self._rows([None])
         self.ids.copy_(ids[1:].expand_as(self.ids))
         self.key_mask.copy_(key_mask[1:].expand_as(self.key_mask))
         for b in range(self.batch):
@@ -428,10 +431,7 @@ class LadrPipeline:
         cfg = plain_config(cfg)
         if len(prompts) != self.batch:
             raise ValueError(f"this pipeline runs batches of {self.batch} prompt(s), got {len(prompts)}")
-        ids, key_mask = build_rows(self.tokenizer, prompts, self.seq)
-        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:  # once per call, not per step
-            raise ValueError(f"the tokenizer gave id {int(ids.max())}, past the model's vocabulary of {self.vocab_size} "
-                             "(config.json): the tokenizer files belong to another model")
+        ids, key_mask = self._rows(prompts)
         self.ids.copy_(ids)
         self.key_mask.copy_(key_mask)
         state = self._state(cfg.steps)
