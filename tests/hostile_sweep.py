@@ -106,7 +106,8 @@ def make_fixtures(base: Path) -> dict[str, Path]:
 
 from test_hostile_inputs import link_copy as linked  # noqa: E402  (tests/ is this script's directory)
 from test_hostile_inputs import own  # noqa: E402
-from serve_proc import answer, error_of, problems  # noqa: E402
+from serve_proc import (LEFT_THE_QUEUE, TOOK_ITS_PLACE, answer, error_of, hang_up_behind_the_head,  # noqa: E402
+                        one_running_one_queued, problems)
 
 
 def owned(f: Path) -> Path:
@@ -432,35 +433,23 @@ def _image_ok(size=64):
 
 
 def _queue_not_head(s, w):
-    a = s.send({"prompt": "a"})
-    s.until(lambda: s.metric("ladr_rt_busy_slots") == 1, what="a running")
-    b = s.send({"prompt": "b"})
-    s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, what="b queued")
-    c = s.send({"prompt": "c"})
-    s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, what="c queued")
-    c.close()
     try:
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, timeout=10, what="c to leave")
-    except AssertionError:
-        return "a queued client's hang-up left its request in the queue"
-    wrong = None
-    d = s.send({"prompt": "d"})
-    try:
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, timeout=10, what="d queued")
-    except AssertionError:
-        wrong = "the next client was refused although a place was free"
-    for k in (a, b, d):
+        clients = hang_up_behind_the_head(s)
+    except AssertionError as e:  # a wait that tests the server failed: a wrong answer, not a hang
+        if LEFT_THE_QUEUE in str(e):
+            return "a queued client's hang-up left its request in the queue"
+        if TOOK_ITS_PLACE in str(e):
+            return "the next client was refused although a place was free"
+        raise
+    for k in clients:
         k.close()
     s.until(lambda: s.metric("ladr_rt_busy_slots") == 0 and s.metric("ladr_rt_queue_depth") == 0, timeout=30,
             what="hung-up requests freed")
-    return wrong
+    return None
 
 
 def _queue_full(s, w):
-    a = s.send({"prompt": "a"})
-    s.until(lambda: s.metric("ladr_rt_busy_slots") == 1, what="a running")
-    b = s.send({"prompt": "b"})
-    s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, what="b queued")
+    a, b = one_running_one_queued(s)
     wrong = _status(429, code="queue_full", retry=True)(s.request({"prompt": "c", "steps": 1}))
     a.close()
     b.close()

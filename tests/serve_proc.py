@@ -121,6 +121,34 @@ class ServeProc:
             time.sleep(0.05)
 
 
+def one_running_one_queued(s: ServeProc) -> tuple[socket.socket, socket.socket]:
+    """On a one-slot server: client a in the slot, client b waiting behind it; both left open."""
+    a = s.send({"prompt": "a"})
+    s.until(lambda: s.metric("ladr_rt_busy_slots") == 1, what="a running")
+    b = s.send({"prompt": "b"})
+    s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, what="b queued")
+    return a, b
+
+
+# The two waits of hang_up_behind_the_head that test the server (the others only set the scene).
+LEFT_THE_QUEUE, TOOK_ITS_PLACE = "c to leave the queue", "d queued where c was"
+
+
+def hang_up_behind_the_head(s: ServeProc) -> tuple[socket.socket, ...]:
+    """A queued client c, not at the head, hangs up: its request must leave the queue
+    (``LEFT_THE_QUEUE``), and the next client d must take its place, with no spurious 429
+    (``TOOK_ITS_PLACE``); each failure is the AssertionError of ``until`` naming that wait.
+    Returns the clients a (running), b and d (queued), left open."""
+    a, b = one_running_one_queued(s)
+    c = s.send({"prompt": "c"})
+    s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, what="c queued")
+    c.close()
+    s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, timeout=10, what=LEFT_THE_QUEUE)
+    d = s.send({"prompt": "d"})
+    s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, timeout=10, what=TOOK_ITS_PLACE)
+    return a, b, d
+
+
 def answer(s: socket.socket) -> tuple[int, dict, bytes]:
     """(status, headers (lower-case names), body) of one HTTP/1.1 response on ``s``."""
     buf = b""

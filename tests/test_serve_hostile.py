@@ -21,7 +21,8 @@ from conftest import import_extra  # noqa: E402
 import_extra("fastapi", "serve")
 import_extra("uvicorn", "serve")
 
-from serve_proc import ACCESS_LINE, CLI, ROOT, ServeProc, answer, env, error_of, problems  # noqa: E402
+from serve_proc import (ACCESS_LINE, CLI, ROOT, ServeProc, answer, env, error_of, hang_up_behind_the_head,  # noqa: E402
+                        problems)
 
 SLOW = ["--mode", "sequential", "--height", "512", "--width", "512", "--steps", "64"]
 
@@ -82,17 +83,9 @@ def test_hostile_clients_bodies_and_truncated_weights(tiny_ckpt, tmp_path):
         status, _, body = s.request({"prompt": "a red circle", "seed": 1, "steps": 1})
         assert status == 200 and len(json.loads(body)["data"]) == 1, body[:300]
 
-        # A queued client that hangs up while not at the head of the queue leaves it.
-        a = s.send({"prompt": "a"})
-        s.until(lambda: s.metric("ladr_rt_busy_slots") == 1, what="a running")
-        b = s.send({"prompt": "b"})
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, what="b queued")
-        c = s.send({"prompt": "c"})
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, what="c queued")
-        c.close()
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 1, timeout=10, what="c to leave the queue")
-        d = s.send({"prompt": "d"})  # fits where c was: no spurious 429
-        s.until(lambda: s.metric("ladr_rt_queue_depth") == 2, timeout=10, what="d queued")
+        # A queued client that hangs up while not at the head of the queue leaves it, and the
+        # next client fits where it was: no spurious 429.
+        a, b, d = hang_up_behind_the_head(s)
 
         # n over the queue can never fit: 400 naming the limit, not a 429 forever.
         e = error_of(*s.request({"prompt": "x", "n": 3}))
